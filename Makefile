@@ -1,0 +1,29 @@
+# a2jax: `make test` and `make demo` work from a clean clone (they create .venv and install).
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# The CPU is the backend of tests and demos even though libtpu and the CUDA plugin are installed
+# (they serve deviceless ahead-of-time compilation); 8 simulated devices exercise the sharding.
+export JAX_PLATFORMS := cpu
+export XLA_FLAGS := --xla_force_host_platform_device_count=8
+export TF_CPP_MIN_LOG_LEVEL := 3
+PYTEST_ARGS ?=
+
+.PHONY: test test-fast demo clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,tpu,cuda,convert]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS) tests
+
+# Everything but the slow ahead-of-time compiles of the full-size model.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -rs -m 'not slow' $(PYTEST_ARGS) tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,117 @@
+"""The one attention dispatch: `xla` (any backend), `cudnn` (GPU flash attention), `splash` (TPU
+Pallas kernel under `shard_map`), with Ulysses context parallelism over the `context` mesh axis.
+
+All backends take q (B, S, H, D) and k, v (B, L, H, D) and return (B, S, H, D) in q's dtype; the
+softmax statistics are float32. Device-specific code lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from a2jax import sharding
+from a2jax.errors import InputError
+
+BACKENDS = ("xla", "cudnn", "splash")
+SPLASH_BLOCK_Q = 512
+SPLASH_BLOCK_KV_SELF = 512
+SPLASH_BLOCK_KV_CROSS = 128
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "xla",
+              bias: jax.Array | None = None, kv_mask: jax.Array | None = None,
+              scale: float | None = None) -> jax.Array:
+  """Scaled dot-product attention, q (B, S, H, D), k/v (B, L, H, D) → (B, S, H, D).
+
+  bias: float (B|1, H, S, L) added to the logits (umT5's relative positions); kv_mask: bool (B, L),
+  False keys are ignored. scale defaults to 1/√D. On a mesh with `context` > 1, the token-sharded
+  inputs are re-sharded to head-sharded (Ulysses: one all-to-all each way).
+  """
+  if backend not in BACKENDS:
+    raise InputError(f"attention backend {backend!r} is not one of {list(BACKENDS)}")
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+  ulysses = ("batch", "attn_tokens", "attn_heads", "act_kv")
+  q, k, v = (sharding.constrain(x, ulysses) for x in (q, k, v))
+  if backend == "splash":
+    if bias is not None or kv_mask is not None:
+      raise InputError("the splash backend takes no bias or key mask here: use attention='xla'")
+    out = _splash(q, k, v, scale)
+  elif backend == "cudnn":
+    if bias is not None:
+      raise InputError("the cudnn backend takes no logit bias here: use attention='xla'")
+    mask = None if kv_mask is None else kv_mask[:, None, None, :]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+  else:
+    out = _xla(q, k, v, scale, bias, kv_mask)
+  return sharding.constrain(out, ulysses)
+
+
+def _xla(q, k, v, scale, bias, kv_mask):
+  """Plain XLA attention: bf16/f32 matmuls with float32 logits and softmax."""
+  logits = jnp.einsum("bshd,blhd->bhsl", q, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if kv_mask is not None:
+    logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bhsl,blhd->bshd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(q.dtype)
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _splash(q, k, v, scale):
+  """TPU Pallas splash attention under shard_map: batch over data/fsdp, heads over context/tensor.
+
+  The kernel wants (H, S, D) per example with S a multiple of its blocks: q is padded to a multiple
+  of 512, the keys to a multiple of 512 (self) or 128 (cross); padded keys get segment id 1 and are
+  masked, padded queries attend the real keys and are sliced away.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  mesh = jax.sharding.get_abstract_mesh()
+  b, s, h, d = q.shape
+  length = k.shape[1]
+  block_kv = SPLASH_BLOCK_KV_SELF if length == s else SPLASH_BLOCK_KV_CROSS
+  s_pad, l_pad = _round_up(s, SPLASH_BLOCK_Q), _round_up(length, block_kv)
+  # (B, H, S, D) layout, q pre-scaled so the kernel's unscaled logits equal the reference's.
+  qt = jnp.pad(jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2),
+               ((0, 0), (0, 0), (0, s_pad - s), (0, 0)))
+  kt = jnp.pad(jnp.swapaxes(k, 1, 2), ((0, 0), (0, 0), (0, l_pad - length), (0, 0)))
+  vt = jnp.pad(jnp.swapaxes(v, 1, 2), ((0, 0), (0, 0), (0, l_pad - length), (0, 0)))
+  q_seg = jnp.zeros((b, s_pad), jnp.int32)
+  kv_seg = jnp.broadcast_to((jnp.arange(l_pad) >= length).astype(jnp.int32), (b, l_pad))
+
+  if mesh.empty:
+    spec = PartitionSpec()
+    local_heads = h
+  else:
+    spec = sharding.logical_to_spec(("batch", "attn_heads", "attn_tokens", "act_kv"), qt.shape, mesh)
+    head_axes = spec[1] if isinstance(spec[1], tuple) else (spec[1],) if spec[1] else ()
+    local_heads = h // int(np.prod([dict(mesh.shape)[a] for a in head_axes]))
+  block_sizes = sk.BlockSizes(block_q=SPLASH_BLOCK_Q, block_kv=block_kv, block_kv_compute=block_kv)
+  kernel = sk.make_splash_mha(
+      sm.MultiHeadMask([sm.FullMask((s_pad, l_pad))] * local_heads),
+      block_sizes=block_sizes, head_shards=1, q_seq_shards=1)
+
+  def one_example(qe, ke, ve, q_seg_e, kv_seg_e):  # (H, S, D) each
+    return kernel(qe, ke, ve, segment_ids=sk.SegmentIds(q=q_seg_e, kv=kv_seg_e))
+
+  local = jax.vmap(one_example)
+
+  if mesh.empty:
+    out = local(qt, kt, vt, q_seg, kv_seg)
+  else:
+    seg_spec = PartitionSpec(spec[0], None)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg_spec, seg_spec),
+                        out_specs=spec, check_vma=False)(qt, kt, vt, q_seg, kv_seg)
+  return jnp.swapaxes(out[:, :, :s], 1, 2).astype(q.dtype)
+

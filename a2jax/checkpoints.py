@@ -1,0 +1,108 @@
+"""orbax read/write of converted a2jax folders, straight onto shardings.
+
+A converted folder holds `config.yaml` and one orbax checkpoint per component (`transformer/`,
+`vae/`, `clip/`, `umt5/`). Components are written leaf group by leaf group with orbax's partial
+save, so a 16B-parameter transformer is written without ever holding it whole in host memory.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Iterable
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
+import yaml
+
+from a2jax import configs
+from a2jax.errors import CheckpointError
+
+COMPONENTS = ("transformer", "vae", "clip", "umt5")
+CONFIG_FILE = "config.yaml"
+
+
+def _nest(path: tuple[str, ...], value: Any) -> dict[str, Any]:
+  for part in reversed(path):
+    value = {part: value}
+  return value
+
+
+def _merge(into: dict[str, Any], tree: dict[str, Any]) -> None:
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      _merge(into.setdefault(k, {}), v)
+    else:
+      into[k] = v
+
+
+def save_params_streaming(path: str | os.PathLike, items: Iterable[tuple[tuple[str, ...], np.ndarray]],
+                          flush_bytes: int = 1 << 30,
+                          on_item: Callable[[tuple[str, ...], int], None] | None = None) -> None:
+  """Writes (path, array) items as one orbax pytree checkpoint, holding ≤ `flush_bytes` at a time
+  (plus the largest single item). `on_item(path, nbytes)` reports progress."""
+  path = pathlib.Path(path)
+  pending: dict[str, Any] = {}
+  pending_bytes = 0
+  wrote = False
+  for leaf_path, array in items:
+    _merge(pending, _nest(leaf_path, array))
+    pending_bytes += array.nbytes
+    if on_item:
+      on_item(leaf_path, array.nbytes)
+    if pending_bytes >= flush_bytes:
+      ocp.partial.save(path, pending)
+      pending, pending_bytes, wrote = {}, 0, True
+  if pending or not wrote:
+    ocp.partial.save(path, pending)
+  ocp.partial.finalize(path)
+
+
+def save_params(path: str | os.PathLike, params: Any) -> None:
+  """Writes an in-memory params tree (numpy or jax arrays) as one orbax checkpoint."""
+  ocp.save_pytree(pathlib.Path(path), params)
+
+
+def load_params(path: str | os.PathLike, abstract: Any, shardings: Any | None = None) -> Any:
+  """Reads a params checkpoint into jax arrays of `abstract`'s shapes and dtypes, placed on
+  `shardings` (a matching tree of NamedShardings) when given, each host reading only its shards."""
+  path = pathlib.Path(path)
+  if not (path / "orbax.checkpoint").exists() and not any(path.glob("*/_METADATA")):
+    raise CheckpointError(f"{path} is not an a2jax params checkpoint: convert the weights first "
+                          "(python -m convert_weights …)")
+  if shardings is None:
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  stored = ocp.pytree_metadata(path).metadata
+  want = {jax.tree_util.keystr(p): tuple(a.shape)
+          for p, a in jax.tree_util.tree_leaves_with_path(target)}
+  have = {jax.tree_util.keystr(p): tuple(m.shape)
+          for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+  problems = sorted(set(want) ^ set(have)) + sorted(
+      f"{k} {have[k]} != {want[k]}" for k in set(want) & set(have) if have[k] != want[k])
+  if problems:
+    raise CheckpointError(f"{path} does not fit the config ({len(problems)} differences, first: "
+                          f"{problems[0]}): load it with the config it was converted with")
+  return ocp.load_pytree(path, target)
+
+
+def write_config(folder: str | os.PathLike, cfg: configs.Config) -> None:
+  pathlib.Path(folder, CONFIG_FILE).write_text(yaml.safe_dump(configs.to_dict(cfg), sort_keys=False))
+
+
+def read_config(folder: str | os.PathLike, overrides=()) -> configs.Config:
+  path = pathlib.Path(folder, CONFIG_FILE)
+  if not path.is_file():
+    raise CheckpointError(f"{folder} has no {CONFIG_FILE}: it is not a converted a2jax folder")
+  return configs.load(path, overrides)
+
+
+def component_path(folder: str | os.PathLike, component: str) -> pathlib.Path:
+  path = pathlib.Path(folder, component)
+  if not path.is_dir():
+    raise CheckpointError(f"{folder} has no {component}/ checkpoint: convert it with "
+                          f"python -m convert_weights {component} --src … --dst {folder}")
+  return path

@@ -1,0 +1,411 @@
+"""Typed, frozen configs: YAML presets in `configs/`, dotted `key=value` overrides, release `config.json`.
+
+Component configs carry the field names of the release's `config.json` files (diffusers /
+transformers), plus a2jax's own fields (dtypes, remat, attention backend) with float32 defaults.
+Everything is validated on load: an unknown key, a wrong type or an impossible combination raises
+`ConfigError` with one line that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from typing import Any, ClassVar
+
+import yaml
+
+from a2jax.errors import ConfigError
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "save_dots", "offload")
+ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
+
+# Keys that diffusers / transformers write into every `config.json` and that do not change the
+# computation. Component configs add their own (dropout, initialisation, decoder-only settings).
+BOOKKEEPING_KEYS = frozenset({
+    "_class_name", "_diffusers_version", "_name_or_path", "_commit_hash", "_attn_implementation",
+    "_attn_implementation_autoset", "architectures", "model_type", "torch_dtype", "dtype",
+    "transformers_version", "return_dict", "output_hidden_states", "output_attentions",
+    "use_return_dict", "torchscript", "chunk_size_feed_forward", "is_encoder_decoder",
+    "is_decoder", "add_cross_attention", "tie_word_embeddings", "pruned_heads", "id2label",
+    "label2id", "problem_type", "tokenizer_class", "prefix", "bos_token_id", "pad_token_id",
+    "eos_token_id", "sep_token_id", "decoder_start_token_id", "task_specific_params",
+    "finetuning_task", "use_cache", "initializer_range", "initializer_factor",
+})
+
+
+def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ConfigError(f"{owner}.{name} = {value!r} is not one of {list(choices)}: pick one of them")
+
+
+def _check_positive(owner: str, **values: int) -> None:
+  for name, value in values.items():
+    if value <= 0:
+      raise ConfigError(f"{owner}.{name} = {value} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentConfig:
+  """Base of component configs: `from_dict` of a release `config.json`, shared validation."""
+
+  # Keys of the reference's `config.json` accepted and ignored beyond BOOKKEEPING_KEYS.
+  IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset()
+
+  @classmethod
+  def from_dict(cls, raw: dict[str, Any], **a2jax_fields: Any):
+    """Builds the config from a `config.json` dict as `save_pretrained` writes it.
+
+    Bookkeeping keys are dropped; any other key that is not a field is an error. `a2jax_fields`
+    sets a2jax's own fields (dtypes, remat, attention).
+    """
+    ignored = BOOKKEEPING_KEYS | cls.IGNORED_KEYS
+    kept = {k: v for k, v in raw.items() if k not in ignored}
+    kept.update(a2jax_fields)
+    return build(cls, kept, cls.__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig(ComponentConfig):
+  """A2Transformer = diffusers `WanTransformer3DModel` with the I2V options. Defaults = diffusers'."""
+
+  patch_size: tuple[int, int, int] = (1, 2, 2)
+  num_attention_heads: int = 40
+  attention_head_dim: int = 128
+  in_channels: int = 16
+  out_channels: int = 16
+  text_dim: int = 4096
+  freq_dim: int = 256
+  ffn_dim: int = 13824
+  num_layers: int = 40
+  cross_attn_norm: bool = True
+  qk_norm: str | None = "rms_norm_across_heads"
+  eps: float = 1e-6
+  image_dim: int | None = None
+  added_kv_proj_dim: int | None = None
+  rope_max_seq_len: int = 1024
+  pos_embed_seq_len: int | None = None
+  # a2jax
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  remat: str = "none"
+  attention: str = "xla"
+
+  @property
+  def inner_dim(self) -> int:
+    return self.num_attention_heads * self.attention_head_dim
+
+  @property
+  def rope_dims(self) -> tuple[int, int, int]:
+    """Head-dim split (t, h, w) of the 3D RoPE: d − 4⌊d/6⌋ : 2⌊d/6⌋ : 2⌊d/6⌋."""
+    d = self.attention_head_dim
+    hw = 2 * (d // 6)
+    return d - 2 * hw, hw, hw
+
+  def __post_init__(self):
+    name = type(self).__name__
+    _check_positive(name, num_attention_heads=self.num_attention_heads,
+                    attention_head_dim=self.attention_head_dim, num_layers=self.num_layers,
+                    ffn_dim=self.ffn_dim, in_channels=self.in_channels,
+                    out_channels=self.out_channels, text_dim=self.text_dim)
+    if len(self.patch_size) != 3 or min(self.patch_size) <= 0:
+      raise ConfigError(f"{name}.patch_size = {self.patch_size} must be three positive ints (t, h, w)")
+    if self.freq_dim % 2:
+      raise ConfigError(f"{name}.freq_dim = {self.freq_dim} must be even (sin and cos halves)")
+    if self.attention_head_dim % 2 or any(p % 2 or p <= 0 for p in self.rope_dims):
+      raise ConfigError(
+          f"{name}.attention_head_dim = {self.attention_head_dim} cannot be split into even RoPE "
+          f"parts t:h:w = {self.rope_dims}: use an even head dim of at least 6 (e.g. 128)")
+    if self.qk_norm not in (None, "rms_norm_across_heads"):
+      raise ConfigError(f"{name}.qk_norm = {self.qk_norm!r}: only 'rms_norm_across_heads' or null")
+    if (self.image_dim is None) != (self.added_kv_proj_dim is None):
+      raise ConfigError(f"{name}: image_dim and added_kv_proj_dim must both be set (I2V) or both null")
+    if self.added_kv_proj_dim is not None and self.added_kv_proj_dim != self.inner_dim:
+      raise ConfigError(
+          f"{name}.added_kv_proj_dim = {self.added_kv_proj_dim} must equal heads × head_dim = "
+          f"{self.inner_dim}")
+    if self.pos_embed_seq_len is not None:
+      raise ConfigError(f"{name}.pos_embed_seq_len is for the FLF2V model, not A2: set it to null")
+    _check_choice(name, "param_dtype", self.param_dtype, DTYPES)
+    _check_choice(name, "dtype", self.dtype, DTYPES)
+    _check_choice(name, "remat", self.remat, REMAT_POLICIES)
+    _check_choice(name, "attention", self.attention, ATTENTION_BACKENDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig(ComponentConfig):
+  """WanVAE = diffusers `AutoencoderKLWan` (Wan 2.1 layout). Defaults = diffusers'."""
+
+  IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"dropout"})
+
+  base_dim: int = 96
+  decoder_base_dim: int | None = None
+  z_dim: int = 16
+  dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+  num_res_blocks: int = 2
+  attn_scales: tuple[float, ...] = ()
+  temperal_downsample: tuple[bool, ...] = (False, True, True)
+  latents_mean: tuple[float, ...] = (
+      -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+  latents_std: tuple[float, ...] = (
+      2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+      3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916)
+  is_residual: bool = False
+  in_channels: int = 3
+  out_channels: int = 3
+  patch_size: int | None = None
+  scale_factor_temporal: int | None = 4
+  scale_factor_spatial: int | None = 8
+  # a2jax
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  tiling: bool = False
+  tile_sample_min_height: int = 256
+  tile_sample_min_width: int = 256
+  tile_sample_stride_height: int = 192
+  tile_sample_stride_width: int = 192
+
+  def __post_init__(self):
+    name = type(self).__name__
+    _check_positive(name, base_dim=self.base_dim, z_dim=self.z_dim,
+                    num_res_blocks=self.num_res_blocks)
+    if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+      raise ConfigError(f"{name}.temperal_downsample needs len(dim_mult) − 1 = "
+                        f"{len(self.dim_mult) - 1} entries, got {len(self.temperal_downsample)}")
+    if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+      raise ConfigError(f"{name}.latents_mean / latents_std need z_dim = {self.z_dim} entries each")
+    if self.is_residual or self.patch_size is not None:
+      raise ConfigError(f"{name}: is_residual / patch_size describe the Wan 2.2 VAE; A2 uses Wan 2.1 "
+                        "(is_residual: false, patch_size: null)")
+    _check_choice(name, "param_dtype", self.param_dtype, DTYPES)
+    _check_choice(name, "dtype", self.dtype, DTYPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig(ComponentConfig):
+  """CLIPVisionEncoder = transformers `CLIPVisionModel` (open-clip ViT-H/14). Defaults = ViT-H/14."""
+
+  IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"attention_dropout", "dropout",
+                                                      "projection_dim"})
+
+  hidden_size: int = 1280
+  intermediate_size: int = 5120
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 16
+  num_channels: int = 3
+  image_size: int = 224
+  patch_size: int = 14
+  hidden_act: str = "gelu"
+  layer_norm_eps: float = 1e-5
+  # a2jax
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  attention: str = "xla"
+
+  def __post_init__(self):
+    name = type(self).__name__
+    _check_positive(name, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+                    num_attention_heads=self.num_attention_heads, patch_size=self.patch_size)
+    if self.hidden_size % self.num_attention_heads:
+      raise ConfigError(f"{name}: hidden_size {self.hidden_size} is not a multiple of "
+                        f"num_attention_heads {self.num_attention_heads}")
+    if self.image_size % self.patch_size:
+      raise ConfigError(f"{name}: image_size {self.image_size} is not a multiple of patch_size "
+                        f"{self.patch_size}")
+    _check_choice(name, "hidden_act", self.hidden_act, ("gelu", "quick_gelu", "gelu_new",
+                                                          "gelu_pytorch_tanh"))
+    _check_choice(name, "param_dtype", self.param_dtype, DTYPES)
+    _check_choice(name, "dtype", self.dtype, DTYPES)
+    _check_choice(name, "attention", self.attention, ATTENTION_BACKENDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class UMT5Config(ComponentConfig):
+  """UMT5Encoder = transformers `UMT5EncoderModel` (umt5-xxl). Defaults = umt5-xxl."""
+
+  IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({
+      "dropout_rate", "num_decoder_layers", "scalable_attention", "classifier_dropout",
+      "gradient_checkpointing", "tokenizer_class"})
+
+  vocab_size: int = 256384
+  d_model: int = 4096
+  d_kv: int = 64
+  d_ff: int = 10240
+  num_layers: int = 24
+  num_heads: int = 64
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  layer_norm_epsilon: float = 1e-6
+  feed_forward_proj: str = "gated-gelu"
+  # a2jax
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  max_length: int = 512
+
+  def __post_init__(self):
+    name = type(self).__name__
+    _check_positive(name, vocab_size=self.vocab_size, d_model=self.d_model, d_kv=self.d_kv,
+                    d_ff=self.d_ff, num_layers=self.num_layers, num_heads=self.num_heads)
+    _check_choice(name, "feed_forward_proj", self.feed_forward_proj, ("gated-gelu",))
+    _check_choice(name, "param_dtype", self.param_dtype, DTYPES)
+    _check_choice(name, "dtype", self.dtype, DTYPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Sizes of the mesh axes ("data", "fsdp", "context", "tensor"); at most one may be −1 (the rest)."""
+
+  data: int = 1
+  fsdp: int = -1
+  context: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    sizes = dataclasses.astuple(self)
+    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+      raise ConfigError(f"mesh sizes {dict(zip(('data', 'fsdp', 'context', 'tensor'), sizes))}: "
+                        "use positive sizes, with at most one −1 for 'all remaining devices'")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A whole a2jax config: one section per component, plus the mesh."""
+
+  transformer: TransformerConfig = TransformerConfig()
+  vae: VAEConfig = VAEConfig()
+  clip: CLIPConfig = CLIPConfig()
+  umt5: UMT5Config = UMT5Config()
+  mesh: MeshConfig = MeshConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and validating from plain data.
+
+
+def _type_name(tp) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+  """Checks `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    options = typing.get_args(tp)
+    if value is None and type(None) in options:
+      return None
+    errors = []
+    for option in options:
+      if option is type(None):
+        continue
+      try:
+        return _coerce(value, option, where)
+      except ConfigError as e:
+        errors.append(e)
+    raise errors[0]
+  if origin is tuple:
+    args = typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{where} = {value!r} must be a list, not {type(value).__name__}")
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+      raise ConfigError(f"{where} = {list(value)} must have {len(args)} entries")
+    return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+  if dataclasses.is_dataclass(tp):
+    if isinstance(value, tp):
+      return value
+    if not isinstance(value, dict):
+      raise ConfigError(f"{where} must be a mapping of {tp.__name__} fields, got {value!r}")
+    return build(tp, value, where)
+  if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if tp is bool and not isinstance(value, bool):
+    raise ConfigError(f"{where} = {value!r} must be true or false")
+  if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+    raise ConfigError(f"{where} = {value!r} must be {_type_name(tp)}, not {type(value).__name__}")
+  return value
+
+
+def build(cls, raw: dict[str, Any], where: str):
+  """Builds dataclass `cls` from `raw`, rejecting unknown keys and wrong types; nested sections too."""
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(raw) - fields)
+  if unknown:
+    raise ConfigError(f"unknown key {where}.{unknown[0]}: valid keys are {sorted(fields)}")
+  values = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
+  try:
+    return cls(**values)
+  except TypeError as e:  # a field without default left out
+    raise ConfigError(f"{where}: {e}") from None
+
+
+def to_dict(cfg) -> dict[str, Any]:
+  """Plain-data form of a config (tuples as lists), what `load` reads back."""
+  def plain(v):
+    if isinstance(v, dict):
+      return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+      return [plain(x) for x in v]
+    return v
+  return plain(dataclasses.asdict(cfg))
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+  *parents, leaf = dotted.split(".")
+  node = tree
+  for i, part in enumerate(parents):
+    child = node.setdefault(part, {})
+    if not isinstance(child, dict):
+      raise ConfigError(f"override {dotted}: {'.'.join(parents[:i + 1])} is not a section")
+    node = child
+  node[leaf] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+  """Applies `section.key=value` strings (values parsed as YAML) to a plain config dict."""
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+      raise ConfigError(f"override {item!r} is not key=value (e.g. transformer.num_layers=2)")
+    try:
+      value = yaml.safe_load(text)
+    except yaml.YAMLError:
+      raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
+    _set_dotted(raw, key.strip(), value)
+  return raw
+
+
+def resolve_path(name_or_path: str | pathlib.Path) -> pathlib.Path:
+  """A preset name (`a2_14b`) → `configs/a2_14b.yaml`; a path is used as it is."""
+  path = pathlib.Path(name_or_path)
+  if path.suffix in (".yaml", ".yml") or path.exists():
+    if not path.is_file():
+      raise ConfigError(f"config file {path} does not exist")
+    return path
+  preset = CONFIG_DIR / f"{name_or_path}.yaml"
+  if not preset.is_file():
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config named {name_or_path!r}: use one of {names} or a YAML path")
+  return preset
+
+
+def read_yaml(path: pathlib.Path) -> dict[str, Any]:
+  try:
+    raw = yaml.safe_load(path.read_text()) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
+  return raw
+
+
+def load(name_or_path: str | pathlib.Path = "a2_14b", overrides=(), cls=Config):
+  """Loads a preset name or YAML path, applies `key=value` overrides, validates into `cls`."""
+  raw = read_yaml(resolve_path(name_or_path))
+  return build(cls, apply_overrides(raw, list(overrides)), "config")
