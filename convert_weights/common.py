@@ -370,3 +370,10 @@ def commit_output(tmp: pathlib.Path, dst: pathlib.Path) -> None:
     shutil.rmtree(old)
   else:
     tmp.rename(dst)
+
+
+def convert_in_memory(plan, state_dict: Mapping[str, Any], cfg, dtype=None) -> dict[str, Any]:
+  """`from_torch` of every component: plan (strict checks), then build the whole params tree."""
+  from a2jax.models.layers import dtype_of
+  targets, lazy = plan(as_lazy(state_dict), cfg)
+  return nest(execute(targets, lazy, dtype or dtype_of(cfg.param_dtype)))
