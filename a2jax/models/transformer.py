@@ -1,0 +1,322 @@
+"""A2Transformer: the SkyReels-A2 diffusion transformer (Wan2.1-I2V DiT), channels-last.
+
+Equal to diffusers' `WanTransformer3DModel` built with the I2V options (`image_dim`,
+`added_kv_proj_dim`). Submodules carry the diffusers state-dict names (`blocks`, `attn1.to_q`,
+`norm_added_k`, `condition_embedder.time_embedder`, …); the blocks are one `nn.scan` over stacked
+parameters with a leading "layers" axis, rematerialised by the config's policy.
+
+Shapes: B batch, f/h/w latent frames/height/width, S = f·(h/2)·(w/2) video tokens, D = heads·head_dim,
+T text tokens (512 for the release), I image tokens (257 per reference).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from a2jax import sharding
+from a2jax.attention import attention
+from a2jax.configs import TransformerConfig
+from a2jax.errors import InputError
+from a2jax.models.layers import (Dense, LayerNorm, RMSNorm, dtype_of, gelu_exact, gelu_tanh,
+                                 partitioned, timestep_embedding)
+
+REMAT_POLICIES = {
+    "full": None,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
+def rope_table(cfg: TransformerConfig, grid: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """cos, sin of the 3D RoPE for a patched grid (f, h, w): each (S, head_dim // 2) float32.
+
+  Head dim split t:h:w (rope_dims); pair i of each part rotates by position · θ^(−2i/dim_part).
+  Computed in float64 with numpy (static shapes) like diffusers, then cast.
+  """
+  angles = []
+  for part_dim, size in zip(cfg.rope_dims, grid):
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, part_dim, 2, dtype=np.float64) / part_dim))
+    angles.append(np.outer(np.arange(size, dtype=np.float64), inv_freq))  # (size, part_dim/2)
+  f, h, w = grid
+  t_ang = np.broadcast_to(angles[0][:, None, None, :], (f, h, w, angles[0].shape[-1]))
+  h_ang = np.broadcast_to(angles[1][None, :, None, :], (f, h, w, angles[1].shape[-1]))
+  w_ang = np.broadcast_to(angles[2][None, None, :, :], (f, h, w, angles[2].shape[-1]))
+  table = np.concatenate([t_ang, h_ang, w_ang], axis=-1).reshape(f * h * w, -1)
+  return np.cos(table).astype(np.float32), np.sin(table).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates interleaved pairs (x[2i], x[2i+1]) of x (B, S, H, Dh) by the angles of (S, Dh/2)."""
+  pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  x1, x2 = pairs[..., 0], pairs[..., 1]
+  c, s = cos[None, :, None, :], sin[None, :, None, :]
+  out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+class FeedForward(nn.Module):
+  """diffusers FeedForward: net.0.proj (in → hidden) → gelu → net.2 (hidden → out)."""
+
+  hidden: int
+  out: int
+  activation: str  # "gelu_tanh" | "gelu"
+  axes: tuple[str, str]  # logical (in/out, hidden) names
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    act = gelu_tanh if self.activation == "gelu_tanh" else gelu_exact
+    y = act(dense(self.hidden, axes=self.axes, name="net_0")(x))
+    y = sharding.constrain(y, ("batch", "tokens", "act_mlp"))
+    return dense(self.out, axes=self.axes[::-1], name="net_2")(y)
+
+
+class Attention(nn.Module):
+  """WanAttention: q/k/v/out projections, RMSNorm across heads on q and k, optional RoPE; for the
+  cross-attention an extra image branch (`add_k_proj`, `add_v_proj`, `norm_added_k`) that attends
+  from the same normalised queries, its output added before `to_out`."""
+
+  cfg: TransformerConfig
+  image_branch: bool = False
+
+  @nn.compact
+  def __call__(self, x, context, rope=None, image=None):
+    """x (B, S, D); context (B, L, D) (x itself for self-attention); image (B, I, D) → (B, S, D)."""
+    cfg = self.cfg
+    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    dense = functools.partial(Dense, dtype=dtype, param_dtype=pdtype)
+    norm = functools.partial(RMSNorm, eps=cfg.eps, axis_name="heads", dtype=dtype, param_dtype=pdtype)
+    d, heads = cfg.inner_dim, cfg.num_attention_heads
+    split = lambda t: t.reshape(*t.shape[:2], heads, cfg.attention_head_dim)
+
+    q = split(norm(name="norm_q")(dense(d, axes=("embed", "heads"), name="to_q")(x)))
+    k = split(norm(name="norm_k")(dense(d, axes=("embed", "heads"), name="to_k")(context)))
+    v = split(dense(d, axes=("embed", "heads"), name="to_v")(context))
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    out = attention(q, k, v, backend=cfg.attention)
+    if self.image_branch:
+      k_img = split(norm(name="norm_added_k")(
+          dense(d, axes=("embed", "heads"), name="add_k_proj")(image)))
+      v_img = split(dense(d, axes=("embed", "heads"), name="add_v_proj")(image))
+      out = out + attention(q, k_img, v_img, backend=cfg.attention)
+    out = sharding.constrain(out, ("batch", "tokens", "act_heads", "act_kv"))
+    return dense(d, axes=("heads", "embed"), name="to_out_0")(out.reshape(*out.shape[:2], d))
+
+
+class Block(nn.Module):
+  """WanTransformerBlock with adaLN: 6 modulation vectors = table + time projection (float32)."""
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, inputs):
+    """x (B, S, D) in compute dtype; inputs = (text (B, T, D), image (B, I, D) | None,
+    time_mod (B, 6, D) float32, rope (cos, sin)). Returns (x, None) for `nn.scan`."""
+    text, image, time_mod, rope = inputs
+    cfg = self.cfg
+    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    d = cfg.inner_dim
+    table = self.param("scale_shift_table",
+                       partitioned(lambda key, shape, dt: jax.random.normal(key, shape, dt) / d**0.5,
+                                   (None, None, "embed")), (1, 6, d), pdtype)
+    mod = table.astype(jnp.float32) + time_mod
+    shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (mod[:, i:i + 1] for i in range(6))
+
+    plain_norm = functools.partial(LayerNorm, eps=cfg.eps, use_affine=False, dtype=jnp.float32)
+    h = (plain_norm()(x) * (1 + scale_msa) + shift_msa).astype(dtype)
+    attn = Attention(cfg, name="attn1")(h, h, rope=rope)
+    x = (x.astype(jnp.float32) + attn.astype(jnp.float32) * gate_msa).astype(dtype)
+    x = sharding.constrain(x, ("batch", "tokens", "act_embed"))
+
+    h = LayerNorm(eps=cfg.eps, use_affine=cfg.cross_attn_norm, dtype=dtype, param_dtype=pdtype,
+                  name="norm2")(x)
+    x = x + Attention(cfg, image_branch=image is not None, name="attn2")(h, text, image=image)
+
+    h = (plain_norm()(x) * (1 + c_scale) + c_shift).astype(dtype)
+    ff = FeedForward(cfg.ffn_dim, d, "gelu_tanh", ("embed", "mlp"), dtype, pdtype, name="ffn")(h)
+    x = (x.astype(jnp.float32) + ff.astype(jnp.float32) * c_gate).astype(dtype)
+    return sharding.constrain(x, ("batch", "tokens", "act_embed")), None
+
+
+class TwoLayerMLP(nn.Module):
+  """linear_1 → activation → linear_2 (diffusers TimestepEmbedding / PixArtAlphaTextProjection)."""
+
+  features: int
+  activation: str  # "silu" | "gelu_tanh"
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    dense = functools.partial(Dense, self.features, dtype=self.dtype, param_dtype=self.param_dtype)
+    act = nn.silu if self.activation == "silu" else gelu_tanh
+    return dense(axes=("mlp", "embed"), name="linear_2")(act(dense(axes=("embed", "mlp"),
+                                                                   name="linear_1")(x)))
+
+
+class ImageEmbedder(nn.Module):
+  """WanImageEmbedding: float32 LayerNorm → FeedForward (gelu) → float32 LayerNorm."""
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, image):
+    """image (B, I, image_dim) → (B, I, D)."""
+    dtype, pdtype = dtype_of(self.cfg.dtype), dtype_of(self.cfg.param_dtype)
+    norm = functools.partial(LayerNorm, eps=1e-5, dtype=dtype, param_dtype=pdtype)
+    d = self.cfg.inner_dim
+    # diffusers FeedForward(image_dim, D, mult=1): hidden width = image_dim.
+    h = FeedForward(self.cfg.image_dim, d, "gelu", ("embed", "mlp"), dtype, pdtype,
+                    name="ff")(norm(name="norm1")(image))
+    return norm(name="norm2")(h)
+
+
+class ConditionEmbedder(nn.Module):
+  """WanTimeTextImageEmbedding: time MLP + 6-way projection, text projection, image embedder."""
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, t, text, image):
+    """t (B,) timesteps; text (B, T, text_dim); image (B, I, image_dim) | None →
+    temb (B, D) f32, time_mod (B, 6, D) f32, text (B, T, D), image (B, I, D) | None."""
+    cfg = self.cfg
+    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    d = cfg.inner_dim
+    # The time path stays float32: the release keeps the modulation in float32.
+    temb = TwoLayerMLP(d, "silu", jnp.float32, pdtype, name="time_embedder")(
+        timestep_embedding(t, cfg.freq_dim))
+    time_mod = Dense(6 * d, axes=("embed", "mlp"), dtype=jnp.float32, param_dtype=pdtype,
+                     name="time_proj")(nn.silu(temb))
+    text = TwoLayerMLP(d, "gelu_tanh", dtype, pdtype, name="text_embedder")(text)
+    if image is not None:
+      image = ImageEmbedder(cfg, name="image_embedder")(image)
+    return temb, time_mod.reshape(-1, 6, d), text, image
+
+
+class PatchEmbedding(nn.Module):
+  """Conv3d with kernel = stride = patch, computed as one matmul over patches."""
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x):
+    """x (B, f, h, w, C) → tokens (B, S, D)."""
+    cfg = self.cfg
+    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    pt, ph, pw = cfg.patch_size
+    d = cfg.inner_dim
+    kernel = self.param("kernel", partitioned(
+        nn.initializers.lecun_normal(in_axis=(0, 1, 2, 3), out_axis=4),
+        (None, None, None, "conv_in", "embed")), (pt, ph, pw, cfg.in_channels, d), pdtype)
+    bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (d,), pdtype)
+    b, f, h, w, c = x.shape
+    patches = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c)
+    tokens = jnp.einsum("bfthpwqc,tpqcd->bfhwd", patches.astype(dtype), kernel.astype(dtype),
+                        preferred_element_type=jnp.float32) + bias.astype(jnp.float32)
+    return tokens.reshape(b, -1, d).astype(dtype)
+
+
+class A2Transformer(nn.Module):
+  """The A2 DiT. __call__(x, t, text, image) → velocity.
+
+  x (B, f, h, w, in_channels) latents ‖ mask ‖ condition (36 channels for A2);
+  t (B,) timesteps in [0, 1000] (the release feeds integers; their float value is used);
+  text (B, T, text_dim) encoder states (T = 512 for the release, zero-padded past the prompt);
+  image (B, I, image_dim) CLIP tokens of all references (I = 257·N), or None for text-only models.
+  Returns (B, f, h, w, out_channels) in the compute dtype.
+  """
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, t, text, image=None):
+    cfg = self.cfg
+    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    self._check_inputs(x, t, text, image)
+    b, f, hh, ww, _ = x.shape
+    pt, ph, pw = cfg.patch_size
+    grid = (f // pt, hh // ph, ww // pw)
+    d = cfg.inner_dim
+
+    tokens = PatchEmbedding(cfg, name="patch_embedding")(x)
+    tokens = sharding.constrain(tokens, ("batch", "tokens", "act_embed"))
+
+    temb, time_mod, text, image = ConditionEmbedder(cfg, name="condition_embedder")(t, text, image)
+    text = sharding.constrain(text, ("batch", "context_tokens", "act_embed"))
+    cos, sin = rope_table(cfg, grid)
+    rope = (jnp.asarray(cos), jnp.asarray(sin))
+
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=nn.broadcast, length=cfg.num_layers,
+                     metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")
+    tokens, _ = blocks(tokens, (text, image, time_mod, rope))
+
+    table = self.param("scale_shift_table",
+                       partitioned(lambda key, shape, dt: jax.random.normal(key, shape, dt) / d**0.5,
+                                   (None, None, "embed")), (1, 2, d), pdtype)
+    shift, scale = jnp.split(table.astype(jnp.float32) + temb[:, None, :], 2, axis=1)
+    h = LayerNorm(eps=cfg.eps, use_affine=False, dtype=jnp.float32)(tokens)
+    h = (h * (1 + scale) + shift).astype(dtype)
+    out = Dense(cfg.out_channels * pt * ph * pw, axes=("embed", None), dtype=dtype,
+                param_dtype=pdtype, name="proj_out")(h)
+    out = out.reshape(b, *grid, pt, ph, pw, cfg.out_channels)
+    out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, hh, ww, cfg.out_channels)
+    return sharding.constrain(out, ("batch", "frames", "height", "width", "channels"))
+
+  def _check_inputs(self, x, t, text, image):
+    cfg = self.cfg
+    if x.ndim != 5 or x.shape[-1] != cfg.in_channels:
+      raise InputError(f"latents have shape {x.shape}; expected (B, f, h, w, {cfg.in_channels})")
+    pt, ph, pw = cfg.patch_size
+    if x.shape[1] % pt or x.shape[2] % ph or x.shape[3] % pw:
+      raise InputError(f"latent grid {x.shape[1:4]} is not divisible by patch {cfg.patch_size}: "
+                       "use frames = 4k+1 and H, W multiples of 16")
+    if t.shape != (x.shape[0],):
+      raise InputError(f"timesteps have shape {t.shape}; expected ({x.shape[0]},)")
+    if text.ndim != 3 or text.shape[0] != x.shape[0] or text.shape[-1] != cfg.text_dim:
+      raise InputError(f"text states have shape {text.shape}; expected (B, T, {cfg.text_dim})")
+    if (image is None) != (cfg.image_dim is None):
+      raise InputError("image tokens are required by an I2V config (image_dim set) and refused "
+                       "otherwise: pass the CLIP tokens of the references")
+    if image is not None and (image.ndim != 3 or image.shape[0] != x.shape[0]
+                              or image.shape[-1] != cfg.image_dim):
+      raise InputError(f"image tokens have shape {image.shape}; expected (B, 257·N, {cfg.image_dim})")
+
+
+def init_abstract_boxed(cfg: TransformerConfig, batch: int = 1, grid=(1, 2, 2), text_len: int = 1,
+                        image_len: int = 1):
+  """eval_shape of init (logical boxes kept): the parameter tree without memory."""
+  model = A2Transformer(cfg)
+  pt, ph, pw = cfg.patch_size
+  x = jax.ShapeDtypeStruct((batch, grid[0] * pt, grid[1] * ph, grid[2] * pw, cfg.in_channels),
+                           jnp.float32)
+  t = jax.ShapeDtypeStruct((batch,), jnp.float32)
+  text = jax.ShapeDtypeStruct((batch, text_len, cfg.text_dim), jnp.float32)
+  image = (None if cfg.image_dim is None
+           else jax.ShapeDtypeStruct((batch, image_len, cfg.image_dim), jnp.float32))
+  return jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), x, t, text, image)["params"]
+
+
+def init_params(cfg: TransformerConfig, key: jax.Array, mesh=None):
+  """Random parameters (unboxed), placed on their shardings when a mesh is given."""
+  model = A2Transformer(cfg)
+  boxed = init_abstract_boxed(cfg)
+  abstract, shardings = sharding.unboxed_shardings(boxed, mesh) if mesh else (nn.meta.unbox(boxed), None)
+  pt, ph, pw = cfg.patch_size
+  x = jnp.zeros((1, pt, ph, pw, cfg.in_channels))
+  text = jnp.zeros((1, 1, cfg.text_dim))
+  image = None if cfg.image_dim is None else jnp.zeros((1, 1, cfg.image_dim))
+  init = lambda k: nn.meta.unbox(model.init(k, x, jnp.zeros((1,)), text, image)["params"])
+  return jax.jit(init, out_shardings=shardings)(key)
