@@ -140,7 +140,8 @@ class TransformerConfig(ComponentConfig):
 class VAEConfig(ComponentConfig):
   """WanVAE = diffusers `AutoencoderKLWan` (Wan 2.1 layout). Defaults = diffusers'."""
 
-  IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"dropout"})
+  # `_use_default_values`: diffusers' in-memory `model.config` bookkeeping (not in config.json).
+  IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"dropout", "_use_default_values"})
 
   base_dim: int = 96
   decoder_base_dim: int | None = None
@@ -169,11 +170,22 @@ class VAEConfig(ComponentConfig):
   tile_sample_min_width: int = 256
   tile_sample_stride_height: int = 192
   tile_sample_stride_width: int = 192
+  attention: str = "xla"
 
   def __post_init__(self):
     name = type(self).__name__
     _check_positive(name, base_dim=self.base_dim, z_dim=self.z_dim,
                     num_res_blocks=self.num_res_blocks)
+    if self.attn_scales:
+      raise ConfigError(f"{name}.attn_scales = {self.attn_scales}: diffusers' AutoencoderKLWan cannot "
+                        "run attention in its down blocks; use [] (as every Wan VAE does)")
+    if self.scale_factor_spatial != 2 ** (len(self.dim_mult) - 1):
+      raise ConfigError(f"{name}.scale_factor_spatial = {self.scale_factor_spatial} must be "
+                        f"2^(len(dim_mult) − 1) = {2 ** (len(self.dim_mult) - 1)}")
+    _check_positive(name, tile_sample_min_height=self.tile_sample_min_height,
+                    tile_sample_min_width=self.tile_sample_min_width,
+                    tile_sample_stride_height=self.tile_sample_stride_height,
+                    tile_sample_stride_width=self.tile_sample_stride_width)
     if len(self.temperal_downsample) != len(self.dim_mult) - 1:
       raise ConfigError(f"{name}.temperal_downsample needs len(dim_mult) − 1 = "
                         f"{len(self.dim_mult) - 1} entries, got {len(self.temperal_downsample)}")
@@ -184,14 +196,14 @@ class VAEConfig(ComponentConfig):
                         "(is_residual: false, patch_size: null)")
     _check_choice(name, "param_dtype", self.param_dtype, DTYPES)
     _check_choice(name, "dtype", self.dtype, DTYPES)
+    _check_choice(name, "attention", self.attention, ATTENTION_BACKENDS)
 
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig(ComponentConfig):
   """CLIPVisionEncoder = transformers `CLIPVisionModel` (open-clip ViT-H/14). Defaults = ViT-H/14."""
 
-  IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"attention_dropout", "dropout",
-                                                      "projection_dim"})
+  IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"attention_dropout", "dropout"})
 
   hidden_size: int = 1280
   intermediate_size: int = 5120
@@ -202,7 +214,10 @@ class CLIPConfig(ComponentConfig):
   patch_size: int = 14
   hidden_act: str = "gelu"
   layer_norm_eps: float = 1e-5
-  # a2jax
+  projection_dim: int = 1024
+  # a2jax: build `visual_projection` (CLIPVisionModelWithProjection; the open-clip `visual.head`).
+  # The release's image encoder is a plain CLIPVisionModel and sampling never uses it.
+  with_projection: bool = False
   param_dtype: str = "float32"
   dtype: str = "float32"
   attention: str = "xla"
@@ -210,7 +225,11 @@ class CLIPConfig(ComponentConfig):
   def __post_init__(self):
     name = type(self).__name__
     _check_positive(name, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
-                    num_attention_heads=self.num_attention_heads, patch_size=self.patch_size)
+                    num_attention_heads=self.num_attention_heads, patch_size=self.patch_size,
+                    projection_dim=self.projection_dim)
+    if self.num_hidden_layers < 2:
+      raise ConfigError(f"{name}.num_hidden_layers = {self.num_hidden_layers}: the image tokens are "
+                        "the penultimate layer's output, use at least 2 layers")
     if self.hidden_size % self.num_attention_heads:
       raise ConfigError(f"{name}: hidden_size {self.hidden_size} is not a multiple of "
                         f"num_attention_heads {self.num_attention_heads}")
@@ -230,7 +249,9 @@ class UMT5Config(ComponentConfig):
 
   IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({
       "dropout_rate", "num_decoder_layers", "scalable_attention", "classifier_dropout",
-      "gradient_checkpointing", "tokenizer_class"})
+      "gradient_checkpointing", "tokenizer_class", "output_past",
+      # derived from feed_forward_proj: transformers recomputes them on load
+      "dense_act_fn", "is_gated_act"})
 
   vocab_size: int = 256384
   d_model: int = 4096
@@ -272,15 +293,75 @@ class MeshConfig:
                         "use positive sizes, with at most one −1 for 'all remaining devices'")
 
 
+SAMPLERS = ("unipc", "euler")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Elements-to-video sampling. `shift` is THE flow shift: training draws its noise levels from the
+  same shifted schedule (there is no second shift)."""
+
+  frames: int = 81
+  height: int = 480
+  width: int = 832
+  steps: int = 50
+  guidance: float = 5.0
+  shift: float = 8.0
+  seed: int = 42
+  sampler: str = "unipc"
+  fps: int = 16
+  negative_prompt: str | None = None  # None: the release's default negative prompt
+  drop_reference_frames: bool = True   # drop the first 4·N output frames, which show the references
+  condition_posterior: str = "mean"    # "mean" (Wan I2V) or "sample" (the release)
+
+  def __post_init__(self):
+    name = type(self).__name__
+    _check_positive(name, frames=self.frames, height=self.height, width=self.width,
+                    steps=self.steps, fps=self.fps)
+    if (self.frames - 1) % 4:
+      raise ConfigError(f"{name}.frames = {self.frames} must be 4k+1 (e.g. 17, 33, 81)")
+    if self.height % 16 or self.width % 16:
+      raise ConfigError(f"{name}: height {self.height} and width {self.width} must be multiples of 16")
+    if self.shift <= 0:
+      raise ConfigError(f"{name}.shift = {self.shift} must be positive")
+    _check_choice(name, "sampler", self.sampler, SAMPLERS)
+    _check_choice(name, "condition_posterior", self.condition_posterior, ("mean", "sample"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Flow-matching fine-tuning of the A2 transformer (see a2jax/train/)."""
+
+  run_name: str = "a2"
+  output_dir: str = "runs"
+  seed: int = 0
+  steps: int = 1000
+
+  def __post_init__(self):
+    _check_positive(type(self).__name__, steps=self.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Training data: TFDS/ArrayRecord triplets read by grain (see a2jax/data/)."""
+
+  data_dir: str = "data"
+  split: str = "train"
+  seed: int = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """A whole a2jax config: one section per component, plus the mesh."""
+  """A whole a2jax config: one section per component, the mesh, sampling, training and data."""
 
   transformer: TransformerConfig = TransformerConfig()
   vae: VAEConfig = VAEConfig()
   clip: CLIPConfig = CLIPConfig()
   umt5: UMT5Config = UMT5Config()
   mesh: MeshConfig = MeshConfig()
+  sampling: SamplingConfig = SamplingConfig()
+  train: TrainConfig = TrainConfig()
+  data: DataConfig = DataConfig()
 
 
 # ---------------------------------------------------------------------------------------------
