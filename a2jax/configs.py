@@ -343,11 +343,38 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Training data: TFDS/ArrayRecord triplets read by grain (see a2jax/data/)."""
+  """Training data: TFDS/ArrayRecord triplets read by grain (see a2jax/data/).
+
+  `data_dir` holds encoded records (python -m a2jax.data.encode) for the DiT-only step. `frames`,
+  `height`, `width`, `frame_stride` are the training bucket of the raw-triplet pipeline (and of
+  the encoding). Dropout probabilities are per sample and independent: the text is replaced by
+  zeros, the references' CLIP tokens by zeros (classifier-free guidance).
+  """
 
   data_dir: str = "data"
   split: str = "train"
   seed: int = 0
+  text_dropout: float = 0.1
+  ref_dropout: float = 0.1
+  frames: int = 81
+  height: int = 480
+  width: int = 832
+  frame_stride: int = 1
+  num_threads: int = 4
+  prefetch: int = 4
+
+  def __post_init__(self):
+    name = type(self).__name__
+    _check_positive(name, frames=self.frames, height=self.height, width=self.width,
+                    frame_stride=self.frame_stride, num_threads=self.num_threads,
+                    prefetch=self.prefetch)
+    for key in ("text_dropout", "ref_dropout"):
+      if not 0.0 <= getattr(self, key) <= 1.0:
+        raise ConfigError(f"{name}.{key} = {getattr(self, key)} must be a probability in [0, 1]")
+    if (self.frames - 1) % 4:
+      raise ConfigError(f"{name}.frames = {self.frames} must be 4k+1 (e.g. 17, 33, 81)")
+    if self.height % 16 or self.width % 16:
+      raise ConfigError(f"{name}: height {self.height} and width {self.width} must be multiples of 16")
 
 
 @dataclasses.dataclass(frozen=True)
