@@ -271,7 +271,15 @@ class UMT5Config(ComponentConfig):
   def __post_init__(self):
     name = type(self).__name__
     _check_positive(name, vocab_size=self.vocab_size, d_model=self.d_model, d_kv=self.d_kv,
-                    d_ff=self.d_ff, num_layers=self.num_layers, num_heads=self.num_heads)
+                    d_ff=self.d_ff, num_layers=self.num_layers, num_heads=self.num_heads,
+                    max_length=self.max_length)
+    if self.relative_attention_num_buckets < 4 or self.relative_attention_num_buckets % 2:
+      raise ConfigError(f"{name}.relative_attention_num_buckets = "
+                        f"{self.relative_attention_num_buckets} must be even and ≥ 4 (umT5: 32)")
+    if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 4:
+      raise ConfigError(f"{name}.relative_attention_max_distance = "
+                        f"{self.relative_attention_max_distance} must exceed num_buckets / 4 "
+                        "(the exact buckets; umT5: 128)")
     _check_choice(name, "feed_forward_proj", self.feed_forward_proj, ("gated-gelu",))
     _check_choice(name, "param_dtype", self.param_dtype, DTYPES)
     _check_choice(name, "dtype", self.dtype, DTYPES)

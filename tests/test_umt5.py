@@ -81,6 +81,10 @@ def test_config_from_saved_config_json(tmp_path):
     UMT5Config.from_dict({**raw, "rope_theta": 1.0})
   with pytest.raises(ConfigError, match="feed_forward_proj"):
     UMT5Config.from_dict({**raw, "feed_forward_proj": "relu"})
+  with pytest.raises(ConfigError, match="relative_attention_num_buckets"):
+    UMT5Config.from_dict({**raw, "relative_attention_num_buckets": 3})
+  with pytest.raises(ConfigError, match="relative_attention_max_distance"):
+    UMT5Config.from_dict({**raw, "relative_attention_max_distance": 8})
 
 
 def test_presets_load():
