@@ -11,8 +11,13 @@ N references in order (subjects/objects first, the background last):
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from a2jax import preprocess
 from a2jax.errors import InputError
 
 MASK_CHANNELS = 4
@@ -58,3 +63,24 @@ def latent_mask(num_refs: int, frames: int, height: int, width: int) -> np.ndarr
 def reference_frames_to_drop(num_refs: int) -> int:
   """Output frames that show the references rather than the scene (the release drops 12 for 3)."""
   return TEMPORAL_STRIDE * num_refs
+
+
+def reference_pixels(subjects: Sequence[np.ndarray], background: np.ndarray | None, height: int,
+                     width: int) -> np.ndarray:
+  """The VAE branch's references (N, H, W, 3) float32 in [−1, 1], in conditioning order: uint8 RGB
+  subjects / objects white-padded to H×W keeping their aspect ratio, then the background (if any)
+  center-cropped to the aspect ratio and resized."""
+  fitted = [preprocess.fit_subject(r, height, width) for r in subjects]
+  if background is not None:
+    fitted.append(preprocess.crop_background(background, height, width))
+  if not fitted:
+    raise InputError("no reference images: pass at least one subject, object or background")
+  return preprocess.to_vae_pixels(np.stack(fitted))
+
+
+def with_mask(cond_latents: jax.Array, num_refs: int, frames: int) -> jax.Array:
+  """Normalised condition latents (..., f, h, w, z) → mask ‖ latents (..., f, h, w, 4 + z) float32:
+  the 4 + z conditioning channels of the transformer input."""
+  *lead, f, h, w, _ = cond_latents.shape
+  mask = jnp.broadcast_to(latent_mask(num_refs, frames, h, w), (*lead, f, h, w, MASK_CHANNELS))
+  return jnp.concatenate([mask, cond_latents.astype(jnp.float32)], axis=-1)

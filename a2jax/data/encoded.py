@@ -192,12 +192,23 @@ def shard_for_host(ds: grain.MapDataset, shard_index: int, shard_count: int) -> 
   return ds[:n][shard_index::shard_count]
 
 
-def cfg_dropout_flags(seed: int, shard_index: int, index: int, text_dropout: float,
+def element_rng(seed: int, shard_index: int, index: int) -> np.random.Generator:
+  """The random generator of element `index` of host `shard_index`: a function of these numbers
+  only, so a restored iterator draws exactly what the interrupted one would have drawn."""
+  return np.random.default_rng([seed, shard_index, index])
+
+
+def cfg_dropout_flags(rng: np.random.Generator, text_dropout: float,
                       ref_dropout: float) -> tuple[bool, bool]:
-  """(drop text, drop references) for element `index` of host `shard_index`: a function of these
-  numbers only, so a restored iterator draws the same flags."""
-  u = np.random.default_rng([seed, shard_index, index]).random(2)
+  """(drop the text, drop the references): two independent draws, the first two of `rng`."""
+  u = rng.random(2)
   return bool(u[0] < text_dropout), bool(u[1] < ref_dropout)
+
+
+def check_probabilities(**probabilities: float) -> None:
+  for name, p in probabilities.items():
+    if not 0.0 <= p <= 1.0:
+      raise InputError(f"{name} = {p} must be a probability in [0, 1]")
 
 
 def encoded_dataset(data_dir: str | os.PathLike, *, seed: int, shard_index: int = 0,
@@ -209,16 +220,15 @@ def encoded_dataset(data_dir: str | os.PathLike, *, seed: int, shard_index: int 
   `text_dropout`, and "image" (the references' CLIP tokens) to zeros with probability
   `ref_dropout`, independently, from a generator seeded by (seed, shard_index, position).
   """
-  for name, p in (("text_dropout", text_dropout), ("ref_dropout", ref_dropout)):
-    if not 0.0 <= p <= 1.0:
-      raise InputError(f"{name} = {p} must be a probability in [0, 1]")
+  check_probabilities(text_dropout=text_dropout, ref_dropout=ref_dropout)
   ds = shard_for_host(grain.MapDataset.source(EncodedSource(data_dir)), shard_index, shard_count)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
 
   def dropout(index: int, record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    drop_text, drop_refs = cfg_dropout_flags(seed, shard_index, index, text_dropout, ref_dropout)
+    rng = element_rng(seed, shard_index, index)
+    drop_text, drop_refs = cfg_dropout_flags(rng, text_dropout, ref_dropout)
     record = dict(record)
     if drop_text:
       record["text"] = np.zeros_like(record["text"])
