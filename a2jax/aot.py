@@ -1,0 +1,292 @@
+"""Ahead-of-time compilation of the full-size model for hardware this machine does not have.
+
+Deviceless: `jax.experimental.topologies` describes a TPU slice (libtpu) or a CUDA host (the CUDA
+PJRT plugin plus a device spec text proto); the program is lowered on `jax.ShapeDtypeStruct`s that
+carry NamedShardings on that topology's mesh and compiled, so nothing real is allocated. What comes
+back: compile time, the per-chip memory of `compiled.memory_analysis()`, and an analytic FLOP
+count (XLA's cost analysis counts a scanned layer loop once and Pallas kernels not at all).
+
+One compile per process (a compiler keeps its caches): tests call the CLI in a subprocess,
+    python -m a2jax.aot --target tpu:v5p:2x2x2 --mesh fsdp=2,context=4 --attention splash
+which prints one JSON line {"compile_s", "peak_bytes", "flops", ...}, or {"error": ...} with exit
+status 1 when the compiler refuses the program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from a2jax import configs, sharding
+from a2jax.configs import MeshConfig, TransformerConfig
+from a2jax.errors import ConfigError
+
+GIB = 1024**3
+DEFAULT_GPU_SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "..", "shared", "gpu_specs", "h100_sxm.txtpb")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoShape:
+  """Pixel-space sampling shape: frames × height × width, CFG batch, context lengths."""
+
+  frames: int = 81
+  height: int = 480
+  width: int = 832
+  batch: int = 2          # conditional + unconditional (CFG) as one batch
+  text_len: int = 512
+  image_len: int = 771    # 257 CLIP tokens per reference, 3 references
+  vae_stride: tuple[int, int, int] = (4, 8, 8)
+
+  @property
+  def latent_grid(self) -> tuple[int, int, int]:
+    """(f, h, w) latent frames / height / width: f = (F − 1)/4 + 1, h = H/8, w = W/8."""
+    st, sh, sw = self.vae_stride
+    return (self.frames - 1) // st + 1, self.height // sh, self.width // sw
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets: devices of a topology this machine does not have.
+
+
+def gpu_spec_path() -> str | None:
+  """Device spec of the CUDA target: $A2JAX_GPU_SPEC, else ../shared/gpu_specs/h100_sxm.txtpb
+  relative to the repository root when it exists, else None."""
+  path = os.environ.get("A2JAX_GPU_SPEC") or os.path.normpath(DEFAULT_GPU_SPEC)
+  return path if os.path.exists(path) else None
+
+
+def _cuda_toolkit_dir() -> str | None:
+  """The `nvidia-cuda-nvcc-cu12` wheel's folder (bin/ptxas, nvvm/): XLA's CUDA data dir."""
+  import importlib.util
+  spec = importlib.util.find_spec("nvidia")
+  for root in (spec.submodule_search_locations or []) if spec else []:
+    if glob.glob(os.path.join(root, "cuda_nvcc", "bin", "ptxas")):
+      return os.path.join(root, "cuda_nvcc")
+  return None
+
+
+def cuda_env(env: dict[str, str] | None = None) -> dict[str, str]:
+  """Environment for a process that compiles for CUDA deviceless: ptxas of the nvcc wheel on PATH.
+
+  Must be set before jax initialises the CUDA plugin, hence for a subprocess (or before import).
+  """
+  env = dict(os.environ if env is None else env)
+  toolkit = _cuda_toolkit_dir()
+  if toolkit:
+    env["PATH"] = os.path.join(toolkit, "bin") + os.pathsep + env.get("PATH", "")
+  return env
+
+
+def target_devices(target: str) -> list[Any]:
+  """Devices of `tpu:<topology>` (e.g. tpu:v5p:2x2x2) or `cuda:<hosts>x<gpus>` (e.g. cuda:1x8)."""
+  from jax.experimental import topologies
+  platform, _, name = target.partition(":")
+  if platform == "tpu":
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+  if platform == "cuda":
+    spec = gpu_spec_path()
+    if spec is None:
+      raise ConfigError("no GPU device spec: set A2JAX_GPU_SPEC to a .txtpb (see ../shared/gpu_specs)")
+    hosts, _, gpus = name.partition("x")
+    with open(spec) as f:
+      desc = topologies.get_topology_desc(platform="cuda", topology_name="",
+                                          topology=f"1x{hosts}x{gpus}", target_config=f.read())
+    return list(desc.devices)
+  raise ConfigError(f"target {target!r}: use tpu:<topology> (tpu:v5p:2x2x2) or cuda:1x8")
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[Any]) -> jax.sharding.Mesh:
+  """The ("data", "fsdp", "context", "tensor") mesh over a topology's devices, in device order."""
+  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.context, mesh_cfg.tensor]
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ConfigError(f"mesh {sizes} needs {math.prod(sizes)} devices, the target has {len(devices)}")
+  grid = np.asarray(devices, dtype=object).reshape(sizes)
+  return jax.sharding.Mesh(grid, sharding.MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
+
+
+# ---------------------------------------------------------------------------------------------
+# Abstract arguments.
+
+
+def _abstract(shape, dtype, logical, mesh):
+  spec = sharding.logical_to_spec(logical, shape, mesh)
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+
+def transformer_args(cfg: TransformerConfig, mesh, video: VideoShape) -> tuple[Any, ...]:
+  """(params, x, t, text, image) as ShapeDtypeStructs with shardings by the logical rules.
+
+  params in the config's param dtype; x (B, f, h, w, in_channels) float32 (the sampler's state),
+  t (B,) float32, text (B, T, text_dim) and image (B, I, image_dim) in the compute dtype.
+  """
+  from a2jax.models.transformer import init_abstract_boxed
+  params, shardings = sharding.unboxed_shardings(init_abstract_boxed(cfg), mesh)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        params, shardings)
+  b, (f, h, w) = video.batch, video.latent_grid
+  dtype = jnp.dtype(cfg.dtype)
+  x = _abstract((b, f, h, w, cfg.in_channels), jnp.float32,
+                ("batch", "frames", "height", "width", "channels"), mesh)
+  t = _abstract((b,), jnp.float32, ("batch",), mesh)
+  text = _abstract((b, video.text_len, cfg.text_dim), dtype,
+                   ("batch", "context_tokens", "act_embed"), mesh)
+  image = _abstract((b, video.image_len, cfg.image_dim), dtype,
+                    ("batch", "context_tokens", "act_embed"), mesh)
+  return params, x, t, text, image
+
+
+def transformer_forward(cfg: TransformerConfig) -> Callable[..., jax.Array]:
+  """forward(params, x, t, text, image) → velocity (B, f, h, w, out_channels)."""
+  from a2jax.models.transformer import A2Transformer
+  model = A2Transformer(cfg)
+  return lambda params, x, t, text, image: model.apply({"params": params}, x, t, text, image)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile and measure.
+
+
+def peak_bytes(compiled) -> int:
+  """Per-device peak of a compiled program: peak_memory_in_bytes where the backend reports it,
+  else arguments + outputs + temporaries − aliased bytes."""
+  mem = compiled.memory_analysis()
+  peak = getattr(mem, "peak_memory_in_bytes", 0) or 0
+  if peak > 0:
+    return int(peak)
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - mem.alias_size_in_bytes)
+
+
+def compile_program(fn: Callable, args: Sequence[Any], mesh) -> dict[str, Any]:
+  """Lowers and compiles `fn(*args)` on `mesh` (args are sharded ShapeDtypeStructs).
+
+  Returns {"compile_s", "lower_s", "peak_bytes", "argument_bytes", "output_bytes", "temp_bytes",
+  "custom_calls"} (custom-call targets of the compiled program and their counts: which kernels ran).
+  """
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = jax.jit(fn).lower(*args)
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  done = time.perf_counter()
+  mem = compiled.memory_analysis()
+  targets = re.findall(r'custom_call_target="([^"]+)"', compiled.as_text() or "")
+  return {"custom_calls": dict(collections.Counter(targets)),"lower_s": round(lowered_at - start, 2), "compile_s": round(done - lowered_at, 2),
+          "peak_bytes": peak_bytes(compiled),
+          "argument_bytes": int(mem.argument_size_in_bytes),
+          "output_bytes": int(mem.output_size_in_bytes),
+          "temp_bytes": int(mem.temp_size_in_bytes)}
+
+
+def transformer_flops(cfg: TransformerConfig, video: VideoShape) -> dict[str, float]:
+  """Analytic FLOPs (2 per multiply-add) of one forward of one sample, by part.
+
+  Per layer: self-attention projections 4·2·S·D², its QK and PV 2·2·S²·D; cross-attention q/out
+  projections 2·2·S·D², text and image k/v projections 2·2·(T + I)·D², QK and PV 2·2·S·(T + I)·D;
+  FFN 2·2·S·D·F. Outside the layers: patch embedding, text / image / time embedders, output head.
+  Elementwise work (norms, RoPE, softmax, modulation) is left out: it is < 1%.
+  """
+  f, h, w = video.latent_grid
+  pt, ph, pw = cfg.patch_size
+  s = (f // pt) * (h // ph) * (w // pw)
+  d, ffn, n = cfg.inner_dim, cfg.ffn_dim, cfg.num_layers
+  tl, il = video.text_len, video.image_len if cfg.image_dim else 0
+  per_layer = {
+      "projections_ffn": 4 * 2 * s * d * d + 2 * 2 * s * d * d + 2 * 2 * s * d * ffn,
+      "self_attention": 2 * 2 * s * s * d,
+      "cross_attention": 2 * 2 * (tl + il) * d * d + 2 * 2 * s * (tl + il) * d,
+  }
+  patch = 2 * s * (cfg.in_channels * pt * ph * pw) * d
+  text = 2 * tl * (cfg.text_dim * d + d * d)
+  image = 2 * il * (cfg.image_dim * cfg.image_dim + cfg.image_dim * d) if cfg.image_dim else 0
+  time_ = 2 * (cfg.freq_dim * d + d * d + d * 6 * d)
+  head = 2 * s * d * cfg.out_channels * pt * ph * pw
+  out = {f"{k}_per_layer": float(v) for k, v in per_layer.items()}
+  out["embed_and_head"] = float(patch + text + image + time_ + head)
+  out["tokens"] = float(s)
+  out["total"] = float(n * sum(per_layer.values()) + out["embed_and_head"])
+  return out
+
+
+def compile_transformer(target: str, mesh_cfg: MeshConfig, overrides: Sequence[str] = (),
+                        video: VideoShape = VideoShape(), preset: str = "a2_14b") -> dict[str, Any]:
+  """Compiles the sampling forward of `preset`'s transformer for `target` on `mesh_cfg`.
+
+  Returns compile_program's measurements plus the analytic FLOPs of the whole batch, the mesh
+  and the target's device kind.
+  """
+  cfg = configs.load(preset, overrides=list(overrides)).transformer
+  devices = target_devices(target)
+  mesh = make_mesh(mesh_cfg, devices)
+  args = transformer_args(cfg, mesh, video)
+  result = compile_program(transformer_forward(cfg), args, mesh)
+  flops = transformer_flops(cfg, video)
+  result.update(target=target, device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
+                attention=cfg.attention, tokens=int(flops["tokens"]),
+                flops=video.batch * flops["total"], flops_per_sample=flops["total"],
+                peak_gib=round(result["peak_bytes"] / GIB, 2))
+  return result
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: one compile per process, one JSON line out.
+
+
+def _mesh_arg(text: str) -> MeshConfig:
+  sizes = {}
+  for item in filter(None, text.split(",")):
+    key, _, value = item.partition("=")
+    if key not in sharding.MESH_AXES or not value.lstrip("-").isdigit():
+      raise argparse.ArgumentTypeError(f"mesh {text!r}: use e.g. fsdp=2,context=4")
+    sizes[key] = int(value)
+  return MeshConfig(**sizes)  # axes left out: 1, except fsdp which takes the remaining devices
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m a2jax.aot", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--target", required=True, help="tpu:v5p:2x2x2 or cuda:1x8")
+  parser.add_argument("--mesh", type=_mesh_arg, default=MeshConfig(), help="e.g. fsdp=2,context=4")
+  parser.add_argument("--attention", choices=("xla", "cudnn", "splash"), default=None)
+  parser.add_argument("--preset", default="a2_14b")
+  parser.add_argument("--frames", type=int, default=VideoShape.frames)
+  parser.add_argument("--height", type=int, default=VideoShape.height)
+  parser.add_argument("--width", type=int, default=VideoShape.width)
+  parser.add_argument("--batch", type=int, default=VideoShape.batch)
+  parser.add_argument("--refs", type=int, default=3, help="reference images (257 CLIP tokens each)")
+  parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+  args = parser.parse_args(argv)
+  overrides = list(args.overrides)
+  if args.attention:
+    overrides.append(f"transformer.attention={args.attention}")
+  video = VideoShape(frames=args.frames, height=args.height, width=args.width, batch=args.batch,
+                     image_len=257 * args.refs)
+  try:
+    result = compile_transformer(args.target, args.mesh, overrides, video, args.preset)
+  except Exception as e:  # the compiler's refusal (e.g. RESOURCE_EXHAUSTED) is a result here
+    print(json.dumps({"error": f"{type(e).__name__}: {e}"[:4000]}), flush=True)
+    return 1
+  print(json.dumps(result), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
