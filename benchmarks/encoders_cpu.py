@@ -98,8 +98,57 @@ def bench_clip(batch: int = 3, hidden: int = 640, layers: int = 8, heads: int = 
   return result
 
 
+def bench_umt5(length: int = 512, prompt_tokens: int = 300, d_model: int = 512, layers: int = 4,
+               heads: int = 8, d_ff: int = 1024, vocab: int = 32000) -> dict:
+  """umT5 encoder on one prompt of `prompt_tokens` tokens padded to `length` (as the pipeline runs
+  it), d_kv 64, against transformers' `UMT5EncoderModel` forward with the same mask."""
+  import torch
+  import transformers
+
+  from a2jax.configs import UMT5Config
+  from a2jax.models import umt5
+  from convert_weights import umt5 as convert
+
+  torch.set_num_threads(os.cpu_count())
+  dims = dict(vocab_size=vocab, d_model=d_model, d_kv=64, d_ff=d_ff, num_layers=layers,
+              num_heads=heads)
+  ref = transformers.UMT5EncoderModel(transformers.UMT5Config(**dims, dropout_rate=0.0)).eval()
+  cfg = UMT5Config(**dims)
+  params = jax.device_put(convert.from_torch(ref.state_dict(), cfg))
+  ids = np.random.default_rng(0).integers(0, vocab, (1, length))
+  mask = (np.arange(length)[None] < prompt_tokens).astype(np.int64)
+  ids_torch, mask_torch = torch.from_numpy(ids), torch.from_numpy(mask)
+
+  model = umt5.UMT5Encoder(cfg)
+  encode = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
+  start = time.perf_counter()
+  encode.lower(params, ids, mask).compile()
+  compile_s = time.perf_counter() - start
+
+  def torch_forward():
+    with torch.inference_mode():
+      return ref(ids_torch, mask_torch).last_hidden_state
+
+  result = {
+      "torch_s": median_seconds(torch_forward),
+      "a2jax_s": median_seconds(lambda: encode(params, ids, mask).block_until_ready()),
+      "compile_s": compile_s,
+  }
+  got = np.asarray(encode(params, ids, mask))
+  want = torch_forward().numpy()
+  result["max_rel_err"] = float(np.abs(got - want).max() / np.abs(want).max())
+  print(f"umT5 encoder d_model {d_model}, {layers} layers, {heads} heads × 64, d_ff {d_ff}, vocab "
+        f"{vocab}, {length} tokens ({prompt_tokens} unpadded), float32, {os.cpu_count()} CPU threads")
+  print(f"  transformers UMT5EncoderModel      {result['torch_s'] * 1e3:8.1f} ms")
+  print(f"  a2jax UMT5Encoder                  {result['a2jax_s'] * 1e3:8.1f} ms   "
+        f"ratio {result['a2jax_s'] / result['torch_s']:.2f}×")
+  print(f"  a2jax compile {compile_s:.1f} s; max|Δ|/max|ref| {result['max_rel_err']:.1e}")
+  return result
+
+
 def main() -> None:
   bench_clip()
+  bench_umt5()
 
 
 if __name__ == "__main__":
