@@ -22,6 +22,7 @@ import flax.linen as nn
 import numpy as np
 
 from a2jax.configs import CLIPConfig
+from a2jax.errors import ConversionError
 from a2jax.models import clip as model
 from convert_weights import common
 
@@ -83,19 +84,21 @@ def init_abstract(cfg: CLIPConfig):
   return nn.meta.unbox(model.init_abstract_boxed(cfg))
 
 
+def _wan_source(name: str) -> tuple[str, Adapter, ShapeMap]:
+  """(Wan name, adapter, shape map) of one transformers source name."""
+  for pattern, (replacement, adapt, to_wan_shape) in _WAN_SOURCES:
+    if pattern.fullmatch(name):
+      return pattern.sub(replacement, name), adapt, to_wan_shape
+  raise ConversionError(f"{name} has no original-Wan counterpart: add it to WAN_SOURCES")
+
+
 def _from_wan(target: common.Target) -> common.Target:
-  """The same target read from the Wan tensors."""
-  sources, shape, adapt = [], None, None
-  for name in target.sources:
-    for pattern, (replacement, adapt, to_wan_shape) in _WAN_SOURCES:
-      if pattern.fullmatch(name):
-        sources.append(pattern.sub(replacement, name))
-        shape = to_wan_shape(target.source_shape)
-        break
-    else:
-      raise AssertionError(f"no Wan source for {name}")  # WAN_SOURCES covers every model leaf
+  """The same target read from the Wan tensors (one rule per target: stacked layers share it)."""
+  sources = [_wan_source(name) for name in target.sources]
+  _, adapt, to_wan_shape = sources[0]
   layout = target.layout
-  return dataclasses.replace(target, sources=tuple(sources), source_shape=tuple(shape),
+  return dataclasses.replace(target, sources=tuple(name for name, _, _ in sources),
+                             source_shape=tuple(to_wan_shape(target.source_shape)),
                              layout=lambda a: layout(adapt(a)))
 
 

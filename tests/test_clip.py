@@ -92,6 +92,19 @@ def test_parity_float32(tmp_path, reference):
   assert max_rel_err(full["image_embeds"], out.image_embeds.numpy()) <= 1e-4
 
 
+def test_sampling_path_skips_the_last_layer(tmp_path, reference):
+  """NaN weights in the last layer change nothing on the sampling path: it is never run."""
+  model, pixels, _ = reference
+  cfg = a2_config(tmp_path, model.config)
+  params = convert.from_torch(plain_sd(model), cfg)
+  apply = jax.jit(clip.CLIPVisionEncoder(cfg).apply)
+  layers = jax.tree.map(np.copy, params["encoder"]["layers"])
+  for leaf in jax.tree.leaves(layers):
+    leaf[-1] = np.nan
+  poisoned = {**params, "encoder": {"layers": layers}}
+  np.testing.assert_array_equal(apply({"params": poisoned}, pixels), apply({"params": params}, pixels))
+
+
 def test_single_layer_float32(tmp_path):
   tc = torch_config()
   layer = transformers.models.clip.modeling_clip.CLIPEncoderLayer(tc).eval()
@@ -244,6 +257,23 @@ def test_cli_round_trip(tmp_path, reference):
   got = clip.CLIPVisionEncoder(cfg).apply({"params": params}, pixels)
   assert max_rel_err(got, out.hidden_states[-2].numpy()) <= 1e-4
   assert (dst / "image_processor" / "preprocessor_config.json").is_file()
+
+
+def test_cli_round_trip_wan_pth(tmp_path, reference):
+  """The original Wan `.pth` (open-clip names, text side included) with a YAML config."""
+  model, pixels, out = reference
+  src = tmp_path / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in wan_state_dict(model).items()},
+             src)
+  preset = tmp_path / "small.yaml"
+  preset.write_text(json.dumps({"clip": {**SMALL, "with_projection": True}}))  # JSON is YAML
+  dst = tmp_path / "converted"
+  assert cli.main(["clip", "--src", str(src), "--dst", str(dst), "--config", str(preset),
+                   "--no-progress"]) == 0
+  cfg = checkpoints.read_config(dst).clip
+  params = checkpoints.load_params(checkpoints.component_path(dst, "clip"), convert.init_abstract(cfg))
+  got = clip.CLIPVisionEncoder(cfg).apply({"params": params}, pixels, full_tower=True)
+  assert max_rel_err(got["image_embeds"], out.image_embeds.numpy()) <= 1e-4
 
 
 def test_cli_errors_leave_nothing_behind(tmp_path, reference, capsys):
