@@ -69,13 +69,14 @@ def triplet_dataset(data_dir: str | os.PathLike, *, frames: int, height: int, wi
                     seed: int, split: str = "train", frame_stride: int = 1, shard_index: int = 0,
                     shard_count: int = 1, num_references: int | None = None,
                     text_dropout: float = 0.0, ref_dropout: float = 0.0,
-                    num_epochs: int | None = None,
+                    num_epochs: int | None = None, shuffle: bool = True,
                     clip_processor: preprocess.ClipImageProcessor | None = None) -> grain.MapDataset:
   """Unbatched examples of this host (elements of skipped clips are None; iteration skips them).
 
   `num_references`: keep only clips with that many references (a batch needs one count); how many
   are kept and skipped is logged from the dataset's metadata. `clip_processor`: the release's
   settings by default, or `ClipImageProcessor.from_folder(<converted>/image_processor)`.
+  `shuffle=False` keeps the stored order (offline encoding).
   """
   builder = triplets.open_dataset(data_dir)
   meta = builder.info.metadata
@@ -89,7 +90,8 @@ def triplet_dataset(data_dir: str | os.PathLike, *, frames: int, height: int, wi
   encoded.check_probabilities(text_dropout=text_dropout, ref_dropout=ref_dropout)
   conditioning.latent_frames(frames)
   ds = grain.MapDataset.source(builder.as_data_source()[split])
-  ds = encoded.shard_for_host(ds, shard_index, shard_count).shuffle(seed=seed).repeat(num_epochs)
+  ds = encoded.shard_for_host(ds, shard_index, shard_count)
+  ds = (ds.shuffle(seed=seed) if shuffle else ds).repeat(num_epochs)
   if num_references is not None:
     conditioning.check_reference_count(num_references, frames)
     counts = {int(k): v for k, v in meta["num_references"][split].items()}
