@@ -75,23 +75,18 @@ def unpack(data: bytes, features: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 class ShardWriter:
-  """Writes one ArrayRecord shard atomically: to `<path>.tmp`, renamed on `close()`.
+  """Writes one ArrayRecord shard atomically: to `<path>.tmp`, renamed on `close()`. Every record
+  must have the shapes of `features` ({name: {"shape": [...], "dtype": "float32"}})."""
 
-  The first record fixes the features unless they are given; later records must match.
-  """
-
-  def __init__(self, path: str | os.PathLike, features: Mapping[str, Any] | None = None):
+  def __init__(self, path: str | os.PathLike, features: Mapping[str, Any]):
     self.path = pathlib.Path(path)
-    self.features = dict(features) if features is not None else None
+    self.features = dict(features)
     self.count = 0
     self._tmp = self.path.with_name(self.path.name + ".tmp")
     self._writer = array_record_module.ArrayRecordWriter(str(self._tmp), WRITER_OPTIONS)
 
   def write(self, record: Mapping[str, Any]) -> None:
-    where = f"record {self.count} of {self.path.name}"
-    if self.features is None:
-      self.features = _features_of(record, where)
-    self._writer.write(pack(record, self.features, where))
+    self._writer.write(pack(record, self.features, f"record {self.count} of {self.path.name}"))
     self.count += 1
 
   def close(self) -> None:
