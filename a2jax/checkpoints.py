@@ -43,7 +43,7 @@ def save_params_streaming(path: str | os.PathLike, items: Iterable[tuple[tuple[s
                           on_item: Callable[[tuple[str, ...], int], None] | None = None) -> None:
   """Writes (path, array) items as one orbax pytree checkpoint, holding ≤ `flush_bytes` at a time
   (plus the largest single item). `on_item(path, nbytes)` reports progress."""
-  path = pathlib.Path(path)
+  path = pathlib.Path(path).resolve()  # orbax needs absolute paths
   pending: dict[str, Any] = {}
   pending_bytes = 0
   wrote = False
@@ -62,13 +62,13 @@ def save_params_streaming(path: str | os.PathLike, items: Iterable[tuple[tuple[s
 
 def save_params(path: str | os.PathLike, params: Any) -> None:
   """Writes an in-memory params tree (numpy or jax arrays) as one orbax checkpoint."""
-  ocp.save_pytree(pathlib.Path(path), params)
+  ocp.save_pytree(pathlib.Path(path).resolve(), params)
 
 
 def load_params(path: str | os.PathLike, abstract: Any, shardings: Any | None = None) -> Any:
   """Reads a params checkpoint into jax arrays of `abstract`'s shapes and dtypes, placed on
   `shardings` (a matching tree of NamedShardings) when given, each host reading only its shards."""
-  path = pathlib.Path(path)
+  path = pathlib.Path(path).resolve()  # orbax needs absolute paths
   if not (path / "orbax.checkpoint").exists() and not any(path.glob("*/_METADATA")):
     raise CheckpointError(f"{path} is not an a2jax params checkpoint: convert the weights first "
                           "(python -m convert_weights …)")
@@ -106,3 +106,24 @@ def component_path(folder: str | os.PathLike, component: str) -> pathlib.Path:
     raise CheckpointError(f"{folder} has no {component}/ checkpoint: convert it with "
                           f"python -m convert_weights {component} --src … --dst {folder}")
   return path
+
+
+def _model_module(component: str):
+  import importlib
+  modules = {"transformer": "transformer", "vae": "vae", "clip": "clip", "umt5": "umt5"}
+  if component not in modules:
+    raise CheckpointError(f"unknown component {component!r}: use one of {list(modules)}")
+  return importlib.import_module(f"a2jax.models.{modules[component]}")
+
+
+def load_component(folder: str | os.PathLike, component: str, cfg, mesh=None) -> Any:
+  """One component's params from a converted folder, placed on the mesh's logical shardings (each
+  host reads only its shards) or on the default device without a mesh."""
+  import flax.linen as nn
+  from a2jax import sharding
+  boxed = _model_module(component).init_abstract_boxed(cfg)
+  if mesh is None:
+    abstract, shardings = nn.meta.unbox(boxed), None
+  else:
+    abstract, shardings = sharding.unboxed_shardings(boxed, mesh)
+  return load_params(component_path(folder, component), abstract, shardings)

@@ -50,7 +50,7 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int) -> tuple[np.nda
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _encode(params: Any, ids: jax.Array, mask: jax.Array, cfg: UMT5Config) -> jax.Array:
+def encode_ids(params: Any, ids: jax.Array, mask: jax.Array, cfg: UMT5Config) -> jax.Array:
   """(B, L) ids and mask → (B, L, d_model), zero at and past each prompt's length."""
   hidden = UMT5Encoder(cfg).apply({"params": params}, ids, mask)
   length = jnp.sum(mask > 0, axis=1)
@@ -79,6 +79,6 @@ def encode_prompt(params: Any, cfg: UMT5Config, tokenizer, prompts: str | Sequen
       raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: pass one "
                        "negative prompt, or one per prompt")
   ids, mask = tokenize(tokenizer, prompts + negatives, cfg.max_length)
-  text = _encode(params, ids, mask, cfg)
+  text = encode_ids(params, ids, mask, cfg)
   b = len(prompts)
   return text[:b], (text[b:] if negatives else None)

@@ -57,7 +57,8 @@ def component_config(module, src: pathlib.Path, preset: str | None, overrides: l
 
 def convert_component(name: str, src, dst, *, dtype: str | None = None, force: bool = False,
                       preset: str | None = None, overrides: list[str] = (),
-                      into: pathlib.Path | None = None, progress: bool = True):
+                      into: pathlib.Path | None = None, progress: bool = True,
+                      copy_extras: bool = True):
   """Converts one component. With `into`, writes `<into>/<name>/` inside a folder being assembled
   (the release converter); otherwise `dst` becomes a new a2jax folder. Returns the config."""
   module = component_module(name)
@@ -76,7 +77,8 @@ def convert_component(name: str, src, dst, *, dtype: str | None = None, force: b
     checkpoints.save_params_streaming(
         folder / name, items, on_item=lambda path, nbytes: bar.update(tensors_of[path]))
     bar.close()
-    copy_extra_files(module, src, folder)
+    if copy_extras:
+      copy_extra_files(module, src, folder)
 
   if into is not None:
     write(into)
@@ -112,10 +114,11 @@ def copy_extra_files(module, src: pathlib.Path, folder: pathlib.Path) -> None:
 def parse_args(argv):
   p = argparse.ArgumentParser(prog="python -m convert_weights", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("component", choices=COMPONENTS,
-                 help="which component to convert (the release converter comes with sampling)")
+  p.add_argument("component", choices=(*COMPONENTS, "release"),
+                 help="one component, or 'release': every component of a release folder")
   p.add_argument("--src", required=True, help="component folder of the release (with config.json "
-                 "and safetensors shards), or a weights file (.safetensors, .pth, .bin)")
+                 "and safetensors shards), a weights file (.safetensors, .pth, .bin), or for "
+                 "'release' the whole release folder")
   p.add_argument("--dst", required=True, help="output a2jax folder (must not exist unless --force)")
   p.add_argument("--dtype", choices=configs.DTYPES, default=None,
                  help="parameter dtype to store (default: the config's param_dtype)")
@@ -124,17 +127,25 @@ def parse_args(argv):
   p.add_argument("--force", action="store_true", help="overwrite an existing --dst")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("overrides", nargs="*", help="component.key=value config overrides")
-  return p.parse_args(argv)
+  return p.parse_intermixed_args(argv)  # key=value overrides may follow the options
 
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   start = time.time()
   try:
-    overrides = [o if o.startswith(args.component + ".") else f"{args.component}.{o}"
-                 for o in args.overrides]
-    convert_component(args.component, args.src, args.dst, dtype=args.dtype, force=args.force,
-                      preset=args.config, overrides=overrides, progress=not args.no_progress)
+    if args.component == "release":
+      if args.overrides or args.config:
+        raise ConversionError("'release' reads every config from the release folder: drop "
+                              "--config and key=value overrides")
+      from convert_weights.release import convert_release
+      convert_release(args.src, args.dst, dtype=args.dtype, force=args.force,
+                      progress=not args.no_progress)
+    else:
+      overrides = [o if o.startswith(args.component + ".") else f"{args.component}.{o}"
+                   for o in args.overrides]
+      convert_component(args.component, args.src, args.dst, dtype=args.dtype, force=args.force,
+                        preset=args.config, overrides=overrides, progress=not args.no_progress)
   except A2JaxError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from convert_weights.tiny_release import randomize_
 
-def randomize_torch_(module, seed: int = 0, scale: float = 0.2) -> None:
-  """Overwrites every parameter and buffer-free weight of `module` with random values.
 
-  Weights ~ N(0, scale²); norm gains ~ 1 + N(0, 0.1²) (their names end in 'norm*.weight' or the
-  tensor is 1-D and named 'weight'), biases and tables ~ N(0, scale²). Nothing keeps its default init.
-  """
-  import torch
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-      if p.ndim == 1 and name.endswith("weight"):
-        p.copy_(1.0 + 0.1 * noise)
-      else:
-        p.copy_(scale * noise)
+# Random weights everywhere, norm gains around 1 (nothing keeps its default init).
+randomize_torch_ = randomize_
 
 
 def max_rel_err(got, ref) -> float:

@@ -8,8 +8,9 @@ from the trained model's (piece, score) list: `T5Tokenizer(vocab_file=…)` sile
 
 from __future__ import annotations
 
-import io
 import os
+
+from convert_weights import tiny_release
 
 SENTENCES = (
     "A woman in a red coat walks her dog through a snowy park at dusk.",
@@ -28,21 +29,7 @@ SENTENCES = (
 
 
 def build_tiny_tokenizer(folder: str | os.PathLike, vocab_size: int = 128):
-  """Trains a `vocab_size`-piece unigram model, saves it as a T5 tokenizer in `folder`; returns it.
-
-  The vocabulary keeps umT5's special ids (<pad> 0, </s> 1, <unk> 2) and has no extra ids, so
-  every id is below `vocab_size` (the tiny encoder's embedding size).
-  """
-  import sentencepiece as spm
-  from transformers import T5Tokenizer
-
-  proto = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(SENTENCES * 4), model_writer=proto, vocab_size=vocab_size,
-      model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-      character_coverage=1.0, minloglevel=2)
-  sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
-  vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-  tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
-  tokenizer.save_pretrained(str(folder))
-  return tokenizer
+  """Trains a `vocab_size`-piece unigram model on SENTENCES, saves it as a T5 tokenizer in
+  `folder`; returns it. The vocabulary keeps umT5's special ids (<pad> 0, </s> 1, <unk> 2) and
+  has no extra ids, so every id is below `vocab_size` (the tiny encoder's embedding size)."""
+  return tiny_release.build_tokenizer(folder, vocab_size, SENTENCES)
