@@ -1,0 +1,296 @@
+"""Elements-to-video sampling: references + prompt → video, on one device or a whole mesh.
+
+Stages (DESIGN.md §1): text (umT5, prompt and negative prompt in one batch) · references (CLIP tokens
+of all references; VAE-encoded condition video, normalised, with its 4-channel mask) · denoising
+(classifier-free guidance with the conditional and unconditional branch as one batch of 2, the
+whole scheduler loop one `lax.scan` inside one jitted program per shape) · VAE decode.
+
+```python
+pipe = A2Pipeline.from_folder("a2jax-14b", mesh=sharding.make_mesh(cfg.mesh))
+result = pipe("A man is holding a teddy bear in the forest.",
+              references=[load_image("man.png"), load_image("bear.png")],
+              background=load_image("forest.png"))
+result.frames   # uint8 (F − 4·N, H, W, 3)
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import pathlib
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from a2jax import checkpoints, conditioning, preprocess, schedulers, sharding, text
+from a2jax.configs import Config, SamplingConfig
+from a2jax.errors import InputError
+from a2jax.models import clip as clip_model
+from a2jax.models.transformer import A2Transformer
+from a2jax.models.vae import WanVAE, denormalize_latents, normalize_latents
+
+# The release's default negative prompt (a value of its sampling script).
+DEFAULT_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
+    "images, static, overall gray, worst quality, low quality, JPEG compression residue, ugly, "
+    "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
+    "misshapen limbs, fused fingers, still picture, messy background, three legs, many people in "
+    "the background, walking backwards")
+
+TOKENIZER_DIR = "tokenizer"
+IMAGE_PROCESSOR_DIR = "image_processor"
+
+
+@dataclasses.dataclass
+class Conditioning:
+  """Everything the denoiser needs for one batch of B videos.
+
+  text, negative_text (B, T, text_dim); image (B, 257·N, image_dim); condition (B, f, h, w, 4 + z)
+  = mask ‖ normalised condition latents; num_refs N.
+  """
+
+  text: jax.Array
+  negative_text: jax.Array
+  image: jax.Array
+  condition: jax.Array
+  num_refs: int
+
+
+@dataclasses.dataclass
+class Result:
+  frames: np.ndarray             # uint8 (B, F', H, W, 3), reference frames dropped if configured
+  latents: np.ndarray            # float32 (B, f, h, w, z), normalised, before decoding
+  timings: dict[str, float]      # seconds per stage; "compile" apart
+
+
+def scheduler_for(sampling: SamplingConfig):
+  cls = schedulers.SCHEDULERS[sampling.sampler]
+  return cls(num_steps=sampling.steps, shift=sampling.shift)
+
+
+def video_to_uint8(video: jax.Array) -> np.ndarray:
+  """[−1, 1] → uint8 with rounding (what the release's export does via (x + 1)/2 · 255)."""
+  return np.asarray(jnp.round((jnp.asarray(video, jnp.float32) + 1.0) * 127.5).clip(0, 255), np.uint8)
+
+
+class A2Pipeline:
+  """The four components (params on one mesh), the tokenizer and the CLIP image processor."""
+
+  def __init__(self, cfg: Config, params: dict[str, Any], tokenizer, image_processor,
+               mesh: jax.sharding.Mesh | None = None):
+    self.cfg, self.params, self.mesh = cfg, params, mesh
+    self.tokenizer, self.image_processor = tokenizer, image_processor
+    self._programs: dict[Any, Callable] = {}
+    self.compile_seconds = 0.0
+
+  @classmethod
+  def from_folder(cls, folder: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
+                  overrides: Sequence[str] = ()) -> "A2Pipeline":
+    """Loads a converted folder (`python -m convert_weights release`), each component's params
+    straight onto its logical shardings on `mesh`."""
+    folder = pathlib.Path(folder)
+    check_folder(folder)
+    cfg = checkpoints.read_config(folder, overrides)
+    params = {name: checkpoints.load_component(folder, name, getattr(cfg, name), mesh)
+              for name in checkpoints.COMPONENTS}
+    return cls(cfg, params, text.load_tokenizer(folder / TOKENIZER_DIR),
+               preprocess.ClipImageProcessor.from_folder(folder / IMAGE_PROCESSOR_DIR), mesh)
+
+  # -- conditioning ---------------------------------------------------------------------------
+
+  def encode_text(self, prompts: Sequence[str], negative_prompt: str | None):
+    negative = self.cfg.sampling.negative_prompt if negative_prompt is None else negative_prompt
+    negative = DEFAULT_NEGATIVE_PROMPT if negative is None else negative
+    ids, mask = text.tokenize(self.tokenizer, [*prompts, negative], self.cfg.umt5.max_length)
+    states = self._run("umt5", functools.partial(text.encode_ids, cfg=self.cfg.umt5),
+                       self.params["umt5"], ids, mask)
+    b = len(prompts)
+    return states[:b], jnp.broadcast_to(states[b:], states[:b].shape)
+
+  def reference_images(self, references: Sequence[np.ndarray], background: np.ndarray | None,
+                       height: int, width: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(VAE references (N, H, W, 3) in [−1, 1], the original images in reference order): subjects
+    white-padded to H×W keeping their aspect ratio, the background center-cropped and resized."""
+    originals = [preprocess.to_rgb(r) for r in references]
+    fitted = [preprocess.fit_subject(r, height, width) for r in originals]
+    if background is not None:
+      originals.append(preprocess.to_rgb(background))
+      fitted.append(preprocess.crop_background(originals[-1], height, width))
+    return preprocess.to_vae_pixels(np.stack(fitted)), originals
+
+  def condition(self, references: Sequence[np.ndarray], background: np.ndarray | None,
+                sampling: SamplingConfig, key: jax.Array | None = None):
+    """(image tokens (1, 257·N, D), condition (1, f, h, w, 4 + z), N) for one set of references."""
+    vae_refs, originals = self.reference_images(references, background, sampling.height,
+                                                sampling.width)
+    n = len(originals)
+    conditioning.check_reference_count(n, sampling.frames)
+    clip_pixels = preprocess.clip_reference_pixels(originals, self.image_processor)
+    video = conditioning.condition_video(vae_refs, sampling.frames)[None]
+    image = self._run("clip", lambda p, x: clip_model.encode_references(p, self.cfg.clip, x),
+                      self.params["clip"], clip_pixels[None])
+    vae = WanVAE(self.cfg.vae)
+    mean, logvar = self._run("vae_encode", lambda p, v: vae.apply({"params": p}, v, method=vae.encode),
+                             self.params["vae"], video)
+    latents = mean
+    if sampling.condition_posterior == "sample":
+      if key is None:
+        raise InputError("condition_posterior='sample' needs a key")
+      latents = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+    cond = normalize_latents(latents, self.cfg.vae)
+    f, h, w = cond.shape[1:4]
+    mask = conditioning.latent_mask(n, sampling.frames, h, w)[None]
+    return image, jnp.concatenate([jnp.asarray(mask), cond.astype(jnp.float32)], axis=-1), n
+
+  def _compiled(self, name: str, fn: Callable, params: Any, *inputs: np.ndarray | jax.Array):
+    """(executable of jitted `fn(params, *inputs)`, placed inputs): compiled once per (name, input
+    shapes) with the compile time counted apart; inputs batch-sharded on the mesh (params are
+    already placed)."""
+    with self._mesh_context():
+      inputs = self._place(inputs)
+      key = (name, tuple((a.shape, str(a.dtype)) for a in inputs))
+      if key not in self._programs:
+        start = time.perf_counter()
+        self._programs[key] = jax.jit(fn).lower(params, *inputs).compile()
+        self.compile_seconds += time.perf_counter() - start
+    return self._programs[key], inputs
+
+  def _run(self, name: str, fn: Callable, params: Any, *inputs: np.ndarray | jax.Array):
+    executable, inputs = self._compiled(name, fn, params, *inputs)
+    return executable(params, *inputs)
+
+  # -- denoising ------------------------------------------------------------------------------
+
+  def denoise_program(self, sampling: SamplingConfig, on_step: Callable[[int], None] | None = None):
+    """The jitted denoising loop for one sampling config:
+    (transformer params, noise (B, f, h, w, z), Conditioning arrays) → latents (B, f, h, w, z)."""
+    sched = scheduler_for(sampling)
+    model = A2Transformer(self.cfg.transformer)
+    guidance = sampling.guidance
+    timesteps = jnp.asarray(sched.timesteps, jnp.float32)
+
+    def denoise(params, noise, text_states, negative_text, image, condition):
+      b = noise.shape[0]
+      # CFG as one batch of 2B: conditional first, unconditional (negative prompt) second.
+      context = jnp.concatenate([text_states, negative_text], axis=0)
+      image2 = jnp.concatenate([image, image], axis=0)
+      cond2 = jnp.concatenate([condition, condition], axis=0)
+
+      def step(carry, i):
+        x, state = carry
+        x_in = jnp.concatenate([jnp.concatenate([x, x], axis=0), cond2], axis=-1)
+        x_in = sharding.constrain(x_in, ("batch", "frames", "height", "width", "channels"))
+        t = jnp.full((2 * b,), timesteps[i])
+        v = model.apply({"params": params}, x_in, t, context, image2).astype(jnp.float32)
+        v_cond, v_uncond = v[:b], v[b:]
+        v = v_uncond + guidance * (v_cond - v_uncond)
+        x, state = sched.step(state, v, x)
+        if on_step is not None:
+          jax.debug.callback(on_step, i)
+        return (x, state), None
+
+      (x, _), _ = jax.lax.scan(step, (noise, sched.init(noise)), jnp.arange(sched.num_steps))
+      return x
+
+    return jax.jit(denoise)
+
+  def denoise(self, cond: Conditioning, noise: jax.Array, sampling: SamplingConfig,
+              progress: bool = True) -> jax.Array:
+    """Runs the compiled denoising loop (compiled once per sampling config and shape)."""
+    program = lambda *args: self.denoise_program(sampling, on_step=self._report_step)(*args)
+    name = ("denoise", sampling.steps, sampling.shift, sampling.sampler, sampling.guidance)
+    params = self.params["transformer"]
+    executable, inputs = self._compiled(name, program, params, noise, cond.text,
+                                        cond.negative_text, cond.image, cond.condition)
+    self._bar = tqdm.tqdm(total=sampling.steps, desc="denoise", unit="step", disable=not progress,
+                          leave=False)
+    try:
+      out = executable(params, *inputs)
+      out.block_until_ready()
+      jax.effects_barrier()  # the last progress callbacks
+    finally:
+      self._bar.close()
+      self._bar = None
+    return out
+
+  def _report_step(self, i) -> None:
+    """Progress from inside the compiled loop; may run once per device, so it only moves forward."""
+    bar = getattr(self, "_bar", None)
+    if bar is not None and int(i) + 1 > bar.n:
+      bar.update(int(i) + 1 - bar.n)
+
+  def _place(self, inputs):
+    """Inputs as device arrays, batch-sharded on the mesh's data/fsdp axes when there is a mesh."""
+    if self.mesh is None:
+      return tuple(jnp.asarray(a) for a in inputs)
+    return tuple(jax.device_put(a, jax.sharding.NamedSharding(
+        self.mesh, sharding.logical_to_spec(("batch",) + (None,) * (a.ndim - 1), a.shape, self.mesh)))
+        for a in inputs)
+
+  def _mesh_context(self):
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  # -- decode and the whole job ---------------------------------------------------------------
+
+  def decode(self, latents: jax.Array) -> jax.Array:
+    """Normalised latents (B, f, h, w, z) → video (B, F, H, W, 3) in [−1, 1]."""
+    vae = WanVAE(self.cfg.vae)
+    decode = lambda p, z: vae.apply({"params": p}, denormalize_latents(z, self.cfg.vae),
+                                    method=vae.decode)
+    return self._run("vae_decode", decode, self.params["vae"], latents)
+
+  def __call__(self, prompt: str, references: Sequence[np.ndarray],
+               background: np.ndarray | None = None, *, negative_prompt: str | None = None,
+               noise: np.ndarray | None = None, sampling: SamplingConfig | None = None,
+               progress: bool = True) -> Result:
+    """One video. `references` are the subject/object images (uint8 HWC, any of RGB, RGBA,
+    grayscale), `background` the scene; `noise` (1, f, h, w, z) replaces the seed's noise."""
+    sampling = sampling or self.cfg.sampling
+    if not prompt or not prompt.strip():
+      raise InputError("the prompt is empty: describe the video to generate")
+    timings = {"compile": 0.0}
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+      compile_before, start = self.compile_seconds, time.perf_counter()
+      out = jax.block_until_ready(fn())
+      compiled = self.compile_seconds - compile_before
+      timings[name] = time.perf_counter() - start - compiled
+      timings["compile"] += compiled
+      return out
+
+    text_states, negative_text = stage("encode_text",
+                                       lambda: self.encode_text([prompt], negative_prompt))
+    noise_key, posterior_key = jax.random.split(jax.random.key(sampling.seed))
+    image, condition, n = stage("encode_references", lambda: self.condition(
+        references, background, sampling, posterior_key))
+    cond = Conditioning(text_states, negative_text, image, condition, n)
+    shape = (1, *condition.shape[1:4], self.cfg.vae.z_dim)
+    if noise is None:
+      noise = jax.random.normal(noise_key, shape, jnp.float32)
+    elif tuple(noise.shape) != shape:
+      raise InputError(f"noise has shape {tuple(noise.shape)}; this job needs {shape}")
+    latents = stage("denoise", lambda: self.denoise(cond, jnp.asarray(noise, jnp.float32),
+                                                    sampling, progress))
+    frames = stage("decode", lambda: video_to_uint8(self.decode(latents)))
+    if sampling.drop_reference_frames:
+      frames = frames[:, conditioning.reference_frames_to_drop(n):]
+    return Result(frames, np.asarray(latents), timings)
+
+
+def check_folder(folder: pathlib.Path) -> None:
+  """A converted a2jax folder with every component, the tokenizer and the image processor."""
+  from a2jax.errors import CheckpointError
+  if not folder.is_dir():
+    raise CheckpointError(f"checkpoint folder {folder} does not exist: convert the release with "
+                          "python -m convert_weights release --src RELEASE --dst FOLDER")
+  needed = [checkpoints.CONFIG_FILE, *checkpoints.COMPONENTS, TOKENIZER_DIR, IMAGE_PROCESSOR_DIR]
+  missing = [n for n in needed if not (folder / n).exists()]
+  if missing:
+    raise CheckpointError(f"{folder} lacks {', '.join(missing)}: it is not a complete converted "
+                          "release (python -m convert_weights release …)")

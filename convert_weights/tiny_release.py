@@ -1,0 +1,120 @@
+"""A tiny random SkyReels-A2 release folder in the release's own (diffusers) layout, built with the
+PyTorch reference classes: for tests, `make demo` and trying the converter without the 14B weights.
+
+`python -m convert_weights.tiny_release --dst DIR [--seed 0]` writes `model_index.json`,
+`transformer/`, `vae/`, `image_encoder/`, `image_processor/`, `text_encoder/`, `tokenizer/` and
+`scheduler/`, all with `save_pretrained`. Every weight is random (seeded): the video it samples is
+noise-like; it proves the plumbing, not the model. Needs the `test` extra (torch, diffusers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import pathlib
+
+# Widths small enough for a 2-core CPU, every structural feature of the release kept: I2V image
+# branch, several heads and layers, the full VAE structure, a CLIP tower read at its penultimate layer.
+TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24,
+                   in_channels=36, out_channels=16, text_dim=32, freq_dim=16, ffn_dim=64,
+                   num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                   image_dim=32, added_kv_proj_dim=48, rope_max_seq_len=1024)
+VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+           temperal_downsample=[False, True, True])
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+            image_size=28, patch_size=14, hidden_act="gelu", projection_dim=16)
+CLIP_PROCESSOR = dict(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                      do_center_crop=True, do_normalize=True, do_rescale=True, do_resize=True)
+UMT5 = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+            num_heads=4, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+SCHEDULER = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
+                 flow_shift=8.0, solver_order=2, predict_x0=True, solver_type="bh2",
+                 lower_order_final=True)
+TOKENIZER_SENTENCES = (
+    "A man is holding a teddy bear in the forest.",
+    "A red circle moves left across a blue striped background.",
+    "A woman in a red coat walks her dog through a snowy park at dusk.",
+    "The camera slowly pans across a quiet lake surrounded by pine trees.",
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images.",
+    "Worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers.",
+    "Poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers.",
+    "Still picture, messy background, three legs, many people in the background, walking backwards.",
+)
+
+
+def randomize_(module, seed: int, scale: float = 0.2) -> None:
+  """Random weights everywhere (norm gains around 1), so nothing keeps its default init."""
+  import torch
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+      p.copy_(1.0 + 0.1 * noise if (p.ndim == 1 and name.endswith("weight")) else scale * noise)
+
+
+def build_tokenizer(folder: pathlib.Path, vocab_size: int, sentences=TOKENIZER_SENTENCES):
+  """A unigram sentencepiece model trained on a few sentences, wrapped as a T5 tokenizer with
+  umT5's special ids (<pad> 0, </s> 1, <unk> 2). transformers 5 needs the (piece, score) list:
+  `T5Tokenizer(vocab_file=…)` silently yields a 4-token vocabulary."""
+  import sentencepiece as spm
+  from transformers import T5Tokenizer
+  proto = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(tuple(sentences) * 4), model_writer=proto, vocab_size=vocab_size,
+      model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+      character_coverage=1.0, minloglevel=2)
+  sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+  vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+  tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+  tokenizer.save_pretrained(str(folder))
+  return tokenizer
+
+
+def build(dst: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
+  """Writes the tiny release folder; returns its path."""
+  import torch
+  import transformers
+  from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+
+  dst = pathlib.Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  torch.manual_seed(seed)
+  transformer = WanTransformer3DModel(**TRANSFORMER).eval()
+  randomize_(transformer, seed)
+  transformer.save_pretrained(dst / "transformer", max_shard_size="200KB")
+  vae = AutoencoderKLWan(**VAE).eval()
+  randomize_(vae, seed + 1, scale=0.1)
+  vae.save_pretrained(dst / "vae")
+  clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP)).eval()
+  randomize_(clip, seed + 2)
+  clip.save_pretrained(dst / "image_encoder")
+  transformers.CLIPImageProcessor(**CLIP_PROCESSOR).save_pretrained(dst / "image_processor")
+  umt5 = transformers.UMT5EncoderModel(transformers.UMT5Config(**UMT5)).eval()
+  randomize_(umt5, seed + 3)
+  umt5.save_pretrained(dst / "text_encoder")
+  build_tokenizer(dst / "tokenizer", UMT5["vocab_size"])
+  UniPCMultistepScheduler(**SCHEDULER).save_pretrained(dst / "scheduler")
+  (dst / "model_index.json").write_text(json.dumps({
+      "_class_name": "SkyReelsA2Pipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+      "vae": ["diffusers", "AutoencoderKLWan"], "image_encoder": ["transformers", "CLIPVisionModel"],
+      "image_processor": ["transformers", "CLIPImageProcessor"],
+      "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
+      "scheduler": ["diffusers", "UniPCMultistepScheduler"]}, indent=2))
+  return dst
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m convert_weights.tiny_release", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--dst", required=True)
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  build(args.dst, args.seed)
+  print(f"wrote a tiny random release folder to {args.dst}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""Elements-to-video end to end against PyTorch: a tiny random release folder (diffusers / transformers
+`save_pretrained`) is converted with `convert_weights release`, sampled by the a2jax pipeline and by
+a PyTorch reference pipeline assembled here from diffusers / transformers components with the
+release's A2Pipeline semantics (DESIGN.md §1 mask rule), from the same initial noise."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean as diffusers_prompt_clean
+from PIL import Image
+
+from a2jax import configs, preprocess, sharding
+from a2jax.pipeline import DEFAULT_NEGATIVE_PROMPT, A2Pipeline, video_to_uint8
+from convert_weights import common, tiny_release
+from convert_weights.release import convert_release
+from parity import rel_l2_err
+
+LATENT_TOL = 1e-4        # relative L2 of the final latents
+PIXEL_TOL = 2 / 255      # max |Δ| of decoded frames in [0, 1]
+SAMPLING = dict(frames=13, height=32, width=48, steps=3, guidance=5.0, shift=8.0, seed=0)
+PROMPT = "A man is holding a teddy bear in the forest."
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+  root = tmp_path_factory.mktemp("a2")
+  src = tiny_release.build(root / "release", seed=0)
+  convert_release(src, root / "converted", progress=False)
+  return src, root / "converted"
+
+
+@pytest.fixture(scope="module")
+def images():
+  rng = np.random.default_rng(1)
+  man = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)          # portrait subject
+  bear = rng.integers(0, 256, (36, 50, 4), dtype=np.uint8)         # RGBA object
+  forest = rng.integers(0, 256, (60, 90), dtype=np.uint8)          # grayscale background
+  return man, bear, forest
+
+
+CASES = {1: lambda m, b, f: ([m], None), 2: lambda m, b, f: ([m], f), 3: lambda m, b, f: ([m, b], f)}
+
+
+def load_diffusers(cls, folder):
+  """from_pretrained without `accelerate` (which diffusers needs for fp32-kept modules)."""
+  model = cls.from_config(cls.load_config(folder)).eval()
+  weights = common.read_state_dict(folder)
+  model.load_state_dict({k: torch.from_numpy(np.array(weights[k])) for k in weights}, strict=True)
+  return model
+
+
+class TorchA2:
+  """The reference: diffusers / transformers components with the release's sampling semantics."""
+
+  def __init__(self, src):
+    self.tokenizer = transformers.AutoTokenizer.from_pretrained(src / "tokenizer")
+    self.text_encoder = transformers.UMT5EncoderModel.from_pretrained(src / "text_encoder").eval()
+    self.image_encoder = transformers.CLIPVisionModel.from_pretrained(src / "image_encoder").eval()
+    self.processor = transformers.CLIPImageProcessor.from_pretrained(src / "image_processor")
+    self.vae = load_diffusers(AutoencoderKLWan, src / "vae")
+    self.transformer = load_diffusers(WanTransformer3DModel, src / "transformer")
+    self.scheduler = UniPCMultistepScheduler.from_pretrained(src / "scheduler")
+
+  def text(self, prompt):
+    out = self.tokenizer([diffusers_prompt_clean(prompt)], padding="max_length", max_length=512,
+                         truncation=True, add_special_tokens=True, return_attention_mask=True,
+                         return_tensors="pt")
+    states = self.text_encoder(out.input_ids, out.attention_mask).last_hidden_state
+    length = int(out.attention_mask.sum())
+    states[:, length:] = 0
+    return states
+
+  def image_tokens(self, originals):
+    padded = [Image.fromarray(preprocess.pad_to_square_white(o)) for o in originals]
+    pixels = self.processor(images=padded, return_tensors="pt").pixel_values
+    hidden = self.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+    return hidden.reshape(1, -1, hidden.shape[-1])
+
+  def condition(self, vae_refs, frames):
+    """The release's layout, written here independently of a2jax.conditioning."""
+    n = len(vae_refs)
+    video = torch.zeros(1, 3, frames, *vae_refs.shape[1:3])
+    refs = torch.from_numpy(vae_refs).permute(0, 3, 1, 2)
+    video[:, :, 0] = refs[0]
+    for k in range(1, n):
+      video[:, :, 4 * k - 3: 4 * k + 1] = refs[k][:, None]
+    latents = self.vae.encode(video).latent_dist.mode()
+    mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    latents = (latents - mean) * inv_std
+    mask = torch.zeros(1, 4, *latents.shape[2:])
+    mask[:, :, :n] = 1.0
+    return torch.cat([mask, latents], dim=1), mean, inv_std
+
+  @torch.no_grad()
+  def __call__(self, vae_refs, originals, noise, sampling):
+    text, negative = self.text(PROMPT), self.text(DEFAULT_NEGATIVE_PROMPT)
+    image = self.image_tokens(originals)
+    condition, mean, inv_std = self.condition(vae_refs, sampling.frames)
+    latents = torch.from_numpy(noise).permute(0, 4, 1, 2, 3).contiguous()
+    self.scheduler.set_timesteps(sampling.steps)
+    for t in self.scheduler.timesteps:
+      x = torch.cat([latents, condition], dim=1)
+      ts = t.expand(1)
+      v_cond = self.transformer(x, ts, text, image, return_dict=False)[0]
+      v_uncond = self.transformer(x, ts, negative, image, return_dict=False)[0]
+      v = v_uncond + sampling.guidance * (v_cond - v_uncond)
+      latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
+    video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0].clamp(-1, 1)
+    return latents.permute(0, 2, 3, 4, 1).numpy(), video.permute(0, 2, 3, 4, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def torch_a2(release):
+  return TorchA2(release[0])
+
+
+@pytest.fixture(scope="module")
+def pipe(release):
+  return A2Pipeline.from_folder(release[1])
+
+
+def run_both(pipe, torch_a2, images, refs):
+  references, background = CASES[refs](*images)
+  sampling = dataclasses.replace(pipe.cfg.sampling, **SAMPLING)
+  f = (sampling.frames - 1) // 4 + 1
+  noise = np.random.default_rng(refs).standard_normal(
+      (1, f, sampling.height // 8, sampling.width // 8, 16)).astype(np.float32)
+  result = pipe(PROMPT, references, background, noise=noise, sampling=sampling, progress=False)
+  vae_refs, originals = pipe.reference_images(references, background, sampling.height, sampling.width)
+  ref_latents, ref_video = torch_a2(vae_refs, originals, noise, sampling)
+  return result, ref_latents, ref_video, sampling
+
+
+@pytest.mark.parametrize("refs", [1, 2, 3])
+def test_pipeline_matches_pytorch(pipe, torch_a2, images, refs):
+  result, ref_latents, ref_video, sampling = run_both(pipe, torch_a2, images, refs)
+  assert rel_l2_err(result.latents, ref_latents) <= LATENT_TOL
+  decoded = np.asarray(pipe.decode(jax.numpy.asarray(result.latents)), np.float32)
+  assert np.max(np.abs(decoded - ref_video)) / 2 <= PIXEL_TOL
+  # The output drops the 4·N frames that show the references.
+  assert result.frames.shape == (1, sampling.frames - 4 * refs, sampling.height, sampling.width, 3)
+  np.testing.assert_array_equal(result.frames[0], video_to_uint8(decoded)[0, 4 * refs:])
+
+
+def test_sharded_pipeline_equals_single_device(release, pipe, images):
+  """CFG pair on data, tokens on context, heads on tensor: the same numbers as one device."""
+  references, background = CASES[3](*images)
+  sampling = dataclasses.replace(pipe.cfg.sampling, **SAMPLING)
+  single = pipe(PROMPT, references, background, sampling=sampling, progress=False)
+  mesh = sharding.make_mesh(configs.MeshConfig(data=2, fsdp=1, context=2, tensor=2))
+  sharded_pipe = A2Pipeline.from_folder(release[1], mesh=mesh)
+  q = sharded_pipe.params["transformer"]["blocks"]["attn1"]["to_q"]["kernel"]
+  assert len(q.sharding.device_set) == 8
+  sharded = sharded_pipe(PROMPT, references, background, sampling=sampling, progress=False)
+  assert rel_l2_err(sharded.latents, single.latents) <= 1e-5
+  assert np.max(np.abs(sharded.frames.astype(int) - single.frames.astype(int))) <= 1
+
+
+def test_seed_reproducible_and_noise_shape_checked(pipe, images):
+  references, background = CASES[2](*images)
+  sampling = dataclasses.replace(pipe.cfg.sampling, **SAMPLING)
+  a = pipe(PROMPT, references, background, sampling=sampling, progress=False)
+  b = pipe(PROMPT, references, background, sampling=sampling, progress=False)
+  np.testing.assert_array_equal(a.frames, b.frames)
+  c = pipe(PROMPT, references, background, sampling=dataclasses.replace(sampling, seed=1),
+           progress=False)
+  assert not np.array_equal(a.latents, c.latents)
+  from a2jax.errors import InputError
+  with pytest.raises(InputError, match="noise has shape"):
+    pipe(PROMPT, references, background, sampling=sampling, noise=np.zeros((1, 2, 2, 2, 16)))
+  with pytest.raises(InputError, match="prompt is empty"):
+    pipe("  ", references, background, sampling=sampling)
