@@ -20,3 +20,14 @@ def _torch_threads():
     return
   torch.set_num_threads(2)
   torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def release(tmp_path_factory):
+  """(tiny random release folder in the release's layout, its conversion by convert_weights)."""
+  from convert_weights import tiny_release
+  from convert_weights.release import convert_release
+  root = tmp_path_factory.mktemp("a2")
+  src = tiny_release.build(root / "release", seed=0)
+  convert_release(src, root / "converted", progress=False)
+  return src, root / "converted"

@@ -16,22 +16,13 @@ from PIL import Image
 
 from a2jax import configs, preprocess, sharding
 from a2jax.pipeline import DEFAULT_NEGATIVE_PROMPT, A2Pipeline, video_to_uint8
-from convert_weights import common, tiny_release
-from convert_weights.release import convert_release
+from convert_weights import common
 from parity import rel_l2_err
 
 LATENT_TOL = 1e-4        # relative L2 of the final latents
 PIXEL_TOL = 2 / 255      # max |Δ| of decoded frames in [0, 1]
 SAMPLING = dict(frames=13, height=32, width=48, steps=3, guidance=5.0, shift=8.0, seed=0)
 PROMPT = "A man is holding a teddy bear in the forest."
-
-
-@pytest.fixture(scope="module")
-def release(tmp_path_factory):
-  root = tmp_path_factory.mktemp("a2")
-  src = tiny_release.build(root / "release", seed=0)
-  convert_release(src, root / "converted", progress=False)
-  return src, root / "converted"
 
 
 @pytest.fixture(scope="module")
