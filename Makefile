@@ -10,6 +10,8 @@ export XLA_FLAGS := --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL := 3
 PYTEST_ARGS ?=
 
+DEMO := out/demo
+
 .PHONY: test test-fast demo clean-venv
 
 $(STAMP): pyproject.toml
@@ -24,6 +26,16 @@ test: $(STAMP)
 # Everything but the slow ahead-of-time compiles of the full-size model.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -rs -m 'not slow' $(PYTEST_ARGS) tests
+
+# Until the trained demo model lands: a tiny random model in the release's layout, converted and
+# sampled, to prove the plumbing end to end (the video is noise-like: its weights are random).
+demo: $(STAMP)
+	test -d $(DEMO)/release || $(PY) -m convert_weights.tiny_release --dst $(DEMO)/release --examples $(DEMO)/refs
+	$(PY) -m convert_weights release --src $(DEMO)/release --dst $(DEMO)/a2jax --force
+	$(PY) sample.py --checkpoint $(DEMO)/a2jax --prompt "A red ball rolls past a blue box in a green garden." \
+	    --ref $(DEMO)/refs/subject.png --ref $(DEMO)/refs/object.png --background $(DEMO)/refs/background.png \
+	    --frames 17 --height 64 --width 96 --steps 8 --grid --out $(DEMO)/video.mp4
+	@echo "demo video: $(DEMO)/video.mp4 (and $(DEMO)/video_grid.mp4 with the references)"
 
 clean-venv:
 	rm -rf $(VENV)

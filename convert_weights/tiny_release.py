@@ -105,13 +105,36 @@ def build(dst: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
   return dst
 
 
+def write_example_references(folder: str | pathlib.Path) -> dict[str, pathlib.Path]:
+  """Three small reference pictures (a subject, an object, a background) drawn procedurally."""
+  from PIL import Image, ImageDraw
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  subject = Image.new("RGB", (96, 128), "white")
+  ImageDraw.Draw(subject).ellipse((16, 24, 80, 104), fill=(220, 40, 40))
+  obj = Image.new("RGBA", (96, 96), (0, 0, 0, 0))
+  ImageDraw.Draw(obj).rectangle((20, 20, 76, 76), fill=(40, 80, 220, 255))
+  background = Image.new("RGB", (160, 96), (120, 200, 120))
+  draw = ImageDraw.Draw(background)
+  for x in range(0, 160, 20):
+    draw.rectangle((x, 0, x + 9, 96), fill=(60, 140, 60))
+  paths = {"subject": folder / "subject.png", "object": folder / "object.png",
+           "background": folder / "background.png"}
+  for (name, path), image in zip(paths.items(), (subject, obj, background)):
+    image.save(path)
+  return paths
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m convert_weights.tiny_release", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--dst", required=True)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--examples", default=None, help="also write three example reference pictures here")
   args = p.parse_args(argv)
   build(args.dst, args.seed)
+  if args.examples:
+    write_example_references(args.examples)
   print(f"wrote a tiny random release folder to {args.dst}")
   return 0
 
