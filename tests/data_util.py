@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from a2jax.data import video as video_io
+from a2jax.video import write_mp4
 
 
 def clip_frames(i: int, n: int) -> np.ndarray:
@@ -23,8 +23,8 @@ def make_source(src: pathlib.Path) -> pathlib.Path:
   (src / "refs").mkdir()
   rng = np.random.default_rng(0)
   for i in range(5):
-    video_io.write_mp4(src / f"clips/c{i}.mp4", clip_frames(i, 12 + 2 * i), fps=8)
-  video_io.write_mp4(src / "clips/short.mp4", clip_frames(9, 5))
+    write_mp4(src / f"clips/c{i}.mp4", clip_frames(i, 12 + 2 * i), fps=8)
+  write_mp4(src / "clips/short.mp4", clip_frames(9, 5), fps=8)
   (src / "clips/broken.mp4").write_bytes(b"not an mp4" * 40)
   Image.fromarray(rng.integers(0, 255, (30, 20, 3), np.uint8)).save(src / "refs/man.png")
   Image.fromarray(rng.integers(0, 255, (40, 60, 3), np.uint8)).save(src / "refs/forest.jpg")

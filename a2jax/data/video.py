@@ -1,4 +1,5 @@
-"""mp4 in and out through imageio-ffmpeg (a static ffmpeg binary from PyPI; no TensorFlow, no torch).
+"""Reading training clips through imageio-ffmpeg (a static ffmpeg binary from PyPI; no TensorFlow,
+no torch): probing, and decoding only the frames a sample needs. Writing is `a2jax.video.write_mp4`.
 
 Frames are uint8 (F, H, W, 3) RGB. ffmpeg reads files, so encoded bytes go through a temporary
 file (mp4 keeps its index at either end; a pipe cannot seek).
@@ -65,19 +66,3 @@ def read_frames(source: str | os.PathLike | bytes, indices: Sequence[int]) -> np
   if len(out) != len(wanted):
     raise InputError(f"{source} has {decoded} frames; frame {wanted[len(out)]} was asked for")
   return np.stack(out)
-
-
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 16, quality: float = 8) -> None:
-  """uint8 (F, H, W, 3) → H.264 mp4 (yuv420p: H and W must be even)."""
-  frames = np.asarray(frames)
-  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-    raise InputError(f"frames of shape {frames.shape} / {frames.dtype}: expected uint8 (F, H, W, 3)")
-  _, h, w, _ = frames.shape
-  if h % 2 or w % 2:
-    raise InputError(f"{h}×{w} frames: H.264 (yuv420p) needs even height and width")
-  writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, quality=quality,
-                                       codec="libx264", macro_block_size=1)
-  writer.send(None)
-  for frame in frames:
-    writer.send(np.ascontiguousarray(frame))
-  writer.close()
