@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from a2jax import conditioning, configs, checkpoints, preprocess, text
+from a2jax import checkpoints, conditioning, configs, text
 from a2jax.data import encode, encoded, pipeline, triplets
 from a2jax.errors import InputError
 from a2jax.models import clip as clip_model
