@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import glob
 import json
-import math
 import os
 import re
 import sys
@@ -28,7 +26,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding
 
 from a2jax import configs, sharding
@@ -75,15 +72,18 @@ def _cuda_toolkit_dir() -> str | None:
   import importlib.util
   spec = importlib.util.find_spec("nvidia")
   for root in (spec.submodule_search_locations or []) if spec else []:
-    if glob.glob(os.path.join(root, "cuda_nvcc", "bin", "ptxas")):
+    if os.path.exists(os.path.join(root, "cuda_nvcc", "bin", "ptxas")):
       return os.path.join(root, "cuda_nvcc")
   return None
 
 
 def cuda_env(env: dict[str, str] | None = None) -> dict[str, str]:
-  """Environment for a process that compiles for CUDA deviceless: ptxas of the nvcc wheel on PATH.
+  """Environment of a process compiling for CUDA deviceless: the nvcc wheel's ptxas first on PATH.
 
-  Must be set before jax initialises the CUDA plugin, hence for a subprocess (or before import).
+  The CUDA plugin finds that wheel by itself (it looks in ../../nvidia/cuda_nvcc from its own
+  folder; checked with no ptxas on PATH); putting it first on PATH keeps a system toolkit of
+  another CUDA major version from being picked instead. Set before jax starts, hence for a
+  subprocess.
   """
   env = dict(os.environ if env is None else env)
   toolkit = _cuda_toolkit_dir()
@@ -101,26 +101,13 @@ def target_devices(target: str) -> list[Any]:
   if platform == "cuda":
     spec = gpu_spec_path()
     if spec is None:
-      raise ConfigError("no GPU device spec: set A2JAX_GPU_SPEC to a .txtpb (see ../shared/gpu_specs)")
+      raise ConfigError("no GPU device spec: set A2JAX_GPU_SPEC to a .txtpb (../shared/gpu_specs)")
     hosts, _, gpus = name.partition("x")
     with open(spec) as f:
       desc = topologies.get_topology_desc(platform="cuda", topology_name="",
                                           topology=f"1x{hosts}x{gpus}", target_config=f.read())
     return list(desc.devices)
   raise ConfigError(f"target {target!r}: use tpu:<topology> (tpu:v5p:2x2x2) or cuda:1x8")
-
-
-def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[Any]) -> jax.sharding.Mesh:
-  """The ("data", "fsdp", "context", "tensor") mesh over a topology's devices, in device order."""
-  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.context, mesh_cfg.tensor]
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ConfigError(f"mesh {sizes} needs {math.prod(sizes)} devices, the target has {len(devices)}")
-  grid = np.asarray(devices, dtype=object).reshape(sizes)
-  return jax.sharding.Mesh(grid, sharding.MESH_AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +177,8 @@ def compile_program(fn: Callable, args: Sequence[Any], mesh) -> dict[str, Any]:
   done = time.perf_counter()
   mem = compiled.memory_analysis()
   targets = re.findall(r'custom_call_target="([^"]+)"', compiled.as_text() or "")
-  return {"custom_calls": dict(collections.Counter(targets)),"lower_s": round(lowered_at - start, 2), "compile_s": round(done - lowered_at, 2),
+  return {"lower_s": round(lowered_at - start, 2), "compile_s": round(done - lowered_at, 2),
+          "custom_calls": dict(collections.Counter(targets)),
           "peak_bytes": peak_bytes(compiled),
           "argument_bytes": int(mem.argument_size_in_bytes),
           "output_bytes": int(mem.output_size_in_bytes),
@@ -236,7 +224,7 @@ def compile_transformer(target: str, mesh_cfg: MeshConfig, overrides: Sequence[s
   """
   cfg = configs.load(preset, overrides=list(overrides)).transformer
   devices = target_devices(target)
-  mesh = make_mesh(mesh_cfg, devices)
+  mesh = sharding.make_mesh(mesh_cfg, devices)  # follows the physical topology (mesh_utils)
   args = transformer_args(cfg, mesh, video)
   result = compile_program(transformer_forward(cfg), args, mesh)
   flops = transformer_flops(cfg, video)

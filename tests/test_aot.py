@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -68,7 +67,7 @@ def test_tpu_v5p8_xla_attention_fsdp_only_is_refused():
 def test_h100x8_cudnn_fits():
   spec = aot.gpu_spec_path()
   if spec is None:
-    pytest.skip("no GPU device spec: set A2JAX_GPU_SPEC or provide ../shared/gpu_specs/h100_sxm.txtpb")
+    pytest.skip("no GPU device spec: set A2JAX_GPU_SPEC or add ../shared/gpu_specs/h100_sxm.txtpb")
   with open(spec) as f:
     device_memory = int(re.search(r"device_memory_size:\s*(\d+)", f.read()).group(1))
   rc, result = run_aot("--target", "cuda:1x8", "--mesh", "fsdp=2,context=4", "--attention", "cudnn")
