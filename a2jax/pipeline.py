@@ -115,14 +115,11 @@ class A2Pipeline:
 
   def reference_images(self, references: Sequence[np.ndarray], background: np.ndarray | None,
                        height: int, width: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(VAE references (N, H, W, 3) in [−1, 1], the original images in reference order): subjects
-    white-padded to H×W keeping their aspect ratio, the background center-cropped and resized."""
+    """(VAE-branch references (N, H, W, 3) in [−1, 1], the RGB originals in reference order)."""
     originals = [preprocess.to_rgb(r) for r in references]
-    fitted = [preprocess.fit_subject(r, height, width) for r in originals]
-    if background is not None:
-      originals.append(preprocess.to_rgb(background))
-      fitted.append(preprocess.crop_background(originals[-1], height, width))
-    return preprocess.to_vae_pixels(np.stack(fitted)), originals
+    bg = None if background is None else preprocess.to_rgb(background)
+    vae_refs = conditioning.reference_pixels(originals, bg, height, width)
+    return vae_refs, originals + ([bg] if bg is not None else [])
 
   def condition(self, references: Sequence[np.ndarray], background: np.ndarray | None,
                 sampling: SamplingConfig, key: jax.Array | None = None):
@@ -143,10 +140,8 @@ class A2Pipeline:
       if key is None:
         raise InputError("condition_posterior='sample' needs a key")
       latents = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-    cond = normalize_latents(latents, self.cfg.vae)
-    f, h, w = cond.shape[1:4]
-    mask = conditioning.latent_mask(n, sampling.frames, h, w)[None]
-    return image, jnp.concatenate([jnp.asarray(mask), cond.astype(jnp.float32)], axis=-1), n
+    cond = conditioning.with_mask(normalize_latents(latents, self.cfg.vae), n, sampling.frames)
+    return image, cond, n
 
   def _compiled(self, name: str, fn: Callable, params: Any, *inputs: np.ndarray | jax.Array):
     """(executable of jitted `fn(params, *inputs)`, placed inputs): compiled once per (name, input

@@ -1,6 +1,6 @@
 """Elements-to-video end to end against PyTorch: a tiny random release folder (diffusers / transformers
 `save_pretrained`) is converted with `convert_weights release`, sampled by the a2jax pipeline and by
-a PyTorch reference pipeline assembled here from diffusers / transformers components with the
+the PyTorch reference pipeline (convert_weights.reference: diffusers / transformers components, the
 release's A2Pipeline semantics (DESIGN.md §1 mask rule), from the same initial noise."""
 
 import dataclasses
@@ -8,15 +8,10 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean as diffusers_prompt_clean
-from PIL import Image
 
-from a2jax import configs, preprocess, sharding
-from a2jax.pipeline import DEFAULT_NEGATIVE_PROMPT, A2Pipeline, video_to_uint8
-from convert_weights import common
+from a2jax import configs, sharding
+from a2jax.pipeline import A2Pipeline, video_to_uint8
+from convert_weights.reference import TorchA2
 from parity import rel_l2_err
 
 LATENT_TOL = 1e-4        # relative L2 of the final latents
@@ -37,78 +32,9 @@ def images():
 CASES = {1: lambda m, b, f: ([m], None), 2: lambda m, b, f: ([m], f), 3: lambda m, b, f: ([m, b], f)}
 
 
-def load_diffusers(cls, folder):
-  """from_pretrained without `accelerate` (which diffusers needs for fp32-kept modules)."""
-  model = cls.from_config(cls.load_config(folder)).eval()
-  weights = common.read_state_dict(folder)
-  model.load_state_dict({k: torch.from_numpy(np.array(weights[k])) for k in weights}, strict=True)
-  return model
-
-
-class TorchA2:
-  """The reference: diffusers / transformers components with the release's sampling semantics."""
-
-  def __init__(self, src):
-    self.tokenizer = transformers.AutoTokenizer.from_pretrained(src / "tokenizer")
-    self.text_encoder = transformers.UMT5EncoderModel.from_pretrained(src / "text_encoder").eval()
-    self.image_encoder = transformers.CLIPVisionModel.from_pretrained(src / "image_encoder").eval()
-    self.processor = transformers.CLIPImageProcessor.from_pretrained(src / "image_processor")
-    self.vae = load_diffusers(AutoencoderKLWan, src / "vae")
-    self.transformer = load_diffusers(WanTransformer3DModel, src / "transformer")
-    self.scheduler = UniPCMultistepScheduler.from_pretrained(src / "scheduler")
-
-  def text(self, prompt):
-    out = self.tokenizer([diffusers_prompt_clean(prompt)], padding="max_length", max_length=512,
-                         truncation=True, add_special_tokens=True, return_attention_mask=True,
-                         return_tensors="pt")
-    states = self.text_encoder(out.input_ids, out.attention_mask).last_hidden_state
-    length = int(out.attention_mask.sum())
-    states[:, length:] = 0
-    return states
-
-  def image_tokens(self, originals):
-    padded = [Image.fromarray(preprocess.pad_to_square_white(o)) for o in originals]
-    pixels = self.processor(images=padded, return_tensors="pt").pixel_values
-    hidden = self.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
-    return hidden.reshape(1, -1, hidden.shape[-1])
-
-  def condition(self, vae_refs, frames):
-    """The release's layout, written here independently of a2jax.conditioning."""
-    n = len(vae_refs)
-    video = torch.zeros(1, 3, frames, *vae_refs.shape[1:3])
-    refs = torch.from_numpy(vae_refs).permute(0, 3, 1, 2)
-    video[:, :, 0] = refs[0]
-    for k in range(1, n):
-      video[:, :, 4 * k - 3: 4 * k + 1] = refs[k][:, None]
-    latents = self.vae.encode(video).latent_dist.mode()
-    mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1)
-    latents = (latents - mean) * inv_std
-    mask = torch.zeros(1, 4, *latents.shape[2:])
-    mask[:, :, :n] = 1.0
-    return torch.cat([mask, latents], dim=1), mean, inv_std
-
-  @torch.no_grad()
-  def __call__(self, vae_refs, originals, noise, sampling):
-    text, negative = self.text(PROMPT), self.text(DEFAULT_NEGATIVE_PROMPT)
-    image = self.image_tokens(originals)
-    condition, mean, inv_std = self.condition(vae_refs, sampling.frames)
-    latents = torch.from_numpy(noise).permute(0, 4, 1, 2, 3).contiguous()
-    self.scheduler.set_timesteps(sampling.steps)
-    for t in self.scheduler.timesteps:
-      x = torch.cat([latents, condition], dim=1)
-      ts = t.expand(1)
-      v_cond = self.transformer(x, ts, text, image, return_dict=False)[0]
-      v_uncond = self.transformer(x, ts, negative, image, return_dict=False)[0]
-      v = v_uncond + sampling.guidance * (v_cond - v_uncond)
-      latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
-    video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0].clamp(-1, 1)
-    return latents.permute(0, 2, 3, 4, 1).numpy(), video.permute(0, 2, 3, 4, 1).numpy()
-
-
 @pytest.fixture(scope="module")
 def torch_a2(release):
-  return TorchA2(release[0])
+  return TorchA2(release[0], PROMPT)
 
 
 @pytest.fixture(scope="module")

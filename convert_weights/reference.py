@@ -1,0 +1,104 @@
+"""The PyTorch reference of elements-to-video sampling, assembled from diffusers / transformers
+components with the release's A2Pipeline semantics (DESIGN.md §1, with its mask rule). It is what
+a2jax's pipeline is checked against (tests/test_pipeline.py) and timed against
+(benchmarks/sample_cpu.py). Inputs are a2jax's preprocessed references, so that preprocessing
+(tested on its own) is not compared twice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean as diffusers_prompt_clean
+from PIL import Image
+
+from a2jax import preprocess
+from a2jax.pipeline import DEFAULT_NEGATIVE_PROMPT
+from convert_weights import common
+
+
+def load_diffusers(cls, folder):
+  """from_pretrained without `accelerate` (which diffusers needs for fp32-kept modules)."""
+  model = cls.from_config(cls.load_config(folder)).eval()
+  weights = common.read_state_dict(folder)
+  model.load_state_dict({k: torch.from_numpy(np.array(weights[k])) for k in weights}, strict=True)
+  return model
+
+
+class TorchA2:
+  """The reference: diffusers / transformers components with the release's sampling semantics."""
+
+  def __init__(self, src, prompt: str):
+    self.prompt = prompt
+    self.tokenizer = transformers.AutoTokenizer.from_pretrained(src / "tokenizer")
+    self.text_encoder = transformers.UMT5EncoderModel.from_pretrained(src / "text_encoder").eval()
+    self.image_encoder = transformers.CLIPVisionModel.from_pretrained(src / "image_encoder").eval()
+    self.processor = transformers.CLIPImageProcessor.from_pretrained(src / "image_processor")
+    self.vae = load_diffusers(AutoencoderKLWan, src / "vae")
+    self.transformer = load_diffusers(WanTransformer3DModel, src / "transformer")
+    self.scheduler = UniPCMultistepScheduler.from_pretrained(src / "scheduler")
+
+  @torch.no_grad()
+  def text(self, prompt):
+    out = self.tokenizer([diffusers_prompt_clean(prompt)], padding="max_length", max_length=512,
+                         truncation=True, add_special_tokens=True, return_attention_mask=True,
+                         return_tensors="pt")
+    states = self.text_encoder(out.input_ids, out.attention_mask).last_hidden_state
+    length = int(out.attention_mask.sum())
+    states[:, length:] = 0
+    return states
+
+  @torch.no_grad()
+  def image_tokens(self, originals):
+    padded = [Image.fromarray(preprocess.pad_to_square_white(o)) for o in originals]
+    pixels = self.processor(images=padded, return_tensors="pt").pixel_values
+    hidden = self.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+    return hidden.reshape(1, -1, hidden.shape[-1])
+
+  @torch.no_grad()
+  def condition(self, vae_refs, frames):
+    """The release's layout, written here independently of a2jax.conditioning."""
+    n = len(vae_refs)
+    video = torch.zeros(1, 3, frames, *vae_refs.shape[1:3])
+    refs = torch.from_numpy(vae_refs).permute(0, 3, 1, 2)
+    video[:, :, 0] = refs[0]
+    for k in range(1, n):
+      video[:, :, 4 * k - 3: 4 * k + 1] = refs[k][:, None]
+    latents = self.vae.encode(video).latent_dist.mode()
+    mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    latents = (latents - mean) * inv_std
+    mask = torch.zeros(1, 4, *latents.shape[2:])
+    mask[:, :, :n] = 1.0
+    return torch.cat([mask, latents], dim=1), mean, inv_std
+
+  @torch.no_grad()
+  def denoise(self, condition, text, negative, image, noise: np.ndarray, sampling):
+    """CFG denoising from `noise` (1, f, h, w, z) channels-last → latents (1, z, f, h, w)."""
+    latents = torch.from_numpy(noise).permute(0, 4, 1, 2, 3).contiguous()
+    self.scheduler.set_timesteps(sampling.steps)
+    for t in self.scheduler.timesteps:
+      x = torch.cat([latents, condition], dim=1)
+      ts = t.expand(1)
+      v_cond = self.transformer(x, ts, text, image, return_dict=False)[0]
+      v_uncond = self.transformer(x, ts, negative, image, return_dict=False)[0]
+      v = v_uncond + sampling.guidance * (v_cond - v_uncond)
+      latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
+    return latents
+
+  @torch.no_grad()
+  def decode(self, latents, mean, inv_std):
+    """Normalised latents (1, z, f, h, w) → video (1, z, F, H, W) in [−1, 1]."""
+    return self.vae.decode(latents / inv_std + mean, return_dict=False)[0].clamp(-1, 1)
+
+  @torch.no_grad()
+  def __call__(self, vae_refs, originals, noise, sampling):
+    """→ (final latents (1, f, h, w, z), decoded video (1, F, H, W, 3)), channels-last numpy."""
+    text, negative = self.text(self.prompt), self.text(DEFAULT_NEGATIVE_PROMPT)
+    image = self.image_tokens(originals)
+    condition, mean, inv_std = self.condition(vae_refs, sampling.frames)
+    latents = self.denoise(condition, text, negative, image, noise, sampling)
+    video = self.decode(latents, mean, inv_std)
+    return latents.permute(0, 2, 3, 4, 1).numpy(), video.permute(0, 2, 3, 4, 1).numpy()
