@@ -235,6 +235,41 @@ def compile_transformer(target: str, mesh_cfg: MeshConfig, overrides: Sequence[s
   return result
 
 
+def sampling_step_args(cfg: configs.Config, mesh, video: VideoShape) -> tuple[Any, ...]:
+  """(params, noise, text, negative_text, image, condition) of `pipeline.denoise_fn` for one video
+  (its CFG pair is the batch of 2 inside), as sharded ShapeDtypeStructs."""
+  t = cfg.transformer
+  params, *_ = transformer_args(t, mesh, video)
+  (f, h, w), z = video.latent_grid, cfg.vae.z_dim
+  dtype = jnp.dtype(t.dtype)
+  grid = ("batch", "frames", "height", "width", "channels")
+  context = ("batch", "context_tokens", "act_embed")
+  return (params, _abstract((1, f, h, w, z), jnp.float32, grid, mesh),
+          _abstract((1, video.text_len, t.text_dim), dtype, context, mesh),
+          _abstract((1, video.text_len, t.text_dim), dtype, context, mesh),
+          _abstract((1, video.image_len, t.image_dim), dtype, context, mesh),
+          _abstract((1, f, h, w, t.in_channels - z), jnp.float32, grid, mesh))
+
+
+def compile_sampling_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence[str] = (),
+                          video: VideoShape = VideoShape(), preset: str = "a2_14b") -> dict[str, Any]:
+  """Compiles one whole sampling step of the pipeline (the CFG pair through the transformer, the
+  guidance combination and a UniPC update: `pipeline.denoise_fn` with steps = 1) for `target`."""
+  from a2jax import pipeline
+  cfg = configs.load(preset, overrides=list(overrides))
+  devices = target_devices(target)
+  mesh = sharding.make_mesh(mesh_cfg, devices)
+  args = sampling_step_args(cfg, mesh, video)
+  step = pipeline.denoise_fn(cfg, dataclasses.replace(cfg.sampling, steps=1))
+  result = compile_program(step, args, mesh)
+  flops = transformer_flops(cfg.transformer, video)
+  result.update(target=target, device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
+                attention=cfg.transformer.attention, tokens=int(flops["tokens"]),
+                flops=2 * flops["total"], flops_per_sample=flops["total"], program="sampling_step",
+                peak_gib=round(result["peak_bytes"] / GIB, 2))
+  return result
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI: one compile per process, one JSON line out.
 
@@ -255,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--mesh", type=_mesh_arg, default=MeshConfig(), help="e.g. fsdp=2,context=4")
   parser.add_argument("--attention", choices=("xla", "cudnn", "splash"), default=None)
   parser.add_argument("--preset", default="a2_14b")
+  parser.add_argument("--program", choices=("forward", "sampling_step"), default="forward",
+                      help="the transformer forward on a CFG batch, or one whole sampling step")
   parser.add_argument("--frames", type=int, default=VideoShape.frames)
   parser.add_argument("--height", type=int, default=VideoShape.height)
   parser.add_argument("--width", type=int, default=VideoShape.width)
@@ -268,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   video = VideoShape(frames=args.frames, height=args.height, width=args.width, batch=args.batch,
                      image_len=257 * args.refs)
   try:
-    result = compile_transformer(args.target, args.mesh, overrides, video, args.preset)
+    compile_fn = compile_sampling_step if args.program == "sampling_step" else compile_transformer
+    result = compile_fn(args.target, args.mesh, overrides, video, args.preset)
   except Exception as e:  # the compiler's refusal (e.g. RESOURCE_EXHAUSTED) is a result here
     print(json.dumps({"error": f"{type(e).__name__}: {e}"[:4000]}), flush=True)
     return 1

@@ -79,6 +79,44 @@ def video_to_uint8(video: jax.Array) -> np.ndarray:
   return np.asarray(jnp.round((jnp.asarray(video, jnp.float32) + 1.0) * 127.5).clip(0, 255), np.uint8)
 
 
+def denoise_fn(cfg: Config, sampling: SamplingConfig,
+               on_step: Callable[[jax.Array], None] | None = None) -> Callable[..., jax.Array]:
+  """The denoising loop for one sampling config, to be jitted:
+  (transformer params, noise (B, f, h, w, z), text (B, T, text_dim), negative_text (B, T, text_dim),
+  image (B, I, image_dim), condition (B, f, h, w, 4 + z)) → latents (B, f, h, w, z).
+
+  Classifier-free guidance runs the conditional and unconditional branch as one batch of 2B (the
+  unconditional one with the negative prompt and the same image tokens); the scheduler loop is one
+  `lax.scan`. `on_step(i)` is called from inside the loop (progress)."""
+  sched = scheduler_for(sampling)
+  model = A2Transformer(cfg.transformer)
+  guidance = sampling.guidance
+  timesteps = jnp.asarray(sched.timesteps, jnp.float32)
+
+  def denoise(params, noise, text_states, negative_text, image, condition):
+    b = noise.shape[0]
+    context = jnp.concatenate([text_states, negative_text], axis=0)
+    image2 = jnp.concatenate([image, image], axis=0)
+    cond2 = jnp.concatenate([condition, condition], axis=0)
+
+    def step(carry, i):
+      x, state = carry
+      x_in = jnp.concatenate([jnp.concatenate([x, x], axis=0), cond2], axis=-1)
+      x_in = sharding.constrain(x_in, ("batch", "frames", "height", "width", "channels"))
+      t = jnp.full((2 * b,), timesteps[i])
+      v = model.apply({"params": params}, x_in, t, context, image2).astype(jnp.float32)
+      v_cond, v_uncond = v[:b], v[b:]
+      x, state = sched.step(state, v_uncond + guidance * (v_cond - v_uncond), x)
+      if on_step is not None:
+        jax.debug.callback(on_step, i)
+      return (x, state), None
+
+    (x, _), _ = jax.lax.scan(step, (noise, sched.init(noise)), jnp.arange(sched.num_steps))
+    return x
+
+  return denoise
+
+
 class A2Pipeline:
   """The four components (params on one mesh), the tokenizer and the CLIP image processor."""
 
@@ -162,43 +200,10 @@ class A2Pipeline:
 
   # -- denoising ------------------------------------------------------------------------------
 
-  def denoise_program(self, sampling: SamplingConfig, on_step: Callable[[int], None] | None = None):
-    """The jitted denoising loop for one sampling config:
-    (transformer params, noise (B, f, h, w, z), Conditioning arrays) → latents (B, f, h, w, z)."""
-    sched = scheduler_for(sampling)
-    model = A2Transformer(self.cfg.transformer)
-    guidance = sampling.guidance
-    timesteps = jnp.asarray(sched.timesteps, jnp.float32)
-
-    def denoise(params, noise, text_states, negative_text, image, condition):
-      b = noise.shape[0]
-      # CFG as one batch of 2B: conditional first, unconditional (negative prompt) second.
-      context = jnp.concatenate([text_states, negative_text], axis=0)
-      image2 = jnp.concatenate([image, image], axis=0)
-      cond2 = jnp.concatenate([condition, condition], axis=0)
-
-      def step(carry, i):
-        x, state = carry
-        x_in = jnp.concatenate([jnp.concatenate([x, x], axis=0), cond2], axis=-1)
-        x_in = sharding.constrain(x_in, ("batch", "frames", "height", "width", "channels"))
-        t = jnp.full((2 * b,), timesteps[i])
-        v = model.apply({"params": params}, x_in, t, context, image2).astype(jnp.float32)
-        v_cond, v_uncond = v[:b], v[b:]
-        v = v_uncond + guidance * (v_cond - v_uncond)
-        x, state = sched.step(state, v, x)
-        if on_step is not None:
-          jax.debug.callback(on_step, i)
-        return (x, state), None
-
-      (x, _), _ = jax.lax.scan(step, (noise, sched.init(noise)), jnp.arange(sched.num_steps))
-      return x
-
-    return jax.jit(denoise)
-
   def denoise(self, cond: Conditioning, noise: jax.Array, sampling: SamplingConfig,
               progress: bool = True) -> jax.Array:
     """Runs the compiled denoising loop (compiled once per sampling config and shape)."""
-    program = lambda *args: self.denoise_program(sampling, on_step=self._report_step)(*args)
+    program = denoise_fn(self.cfg, sampling, on_step=self._report_step)
     name = ("denoise", sampling.steps, sampling.shift, sampling.sampler, sampling.guidance)
     params = self.params["transformer"]
     executable, inputs = self._compiled(name, program, params, noise, cond.text,

@@ -115,3 +115,22 @@ def test_analytic_flops_match_cost_analysis():
   analytic = aot.transformer_flops(cfg, video)["total"]
   print(f"analytic {analytic:.4g}, XLA {xla_flops:.4g}, ratio {xla_flops / analytic:.4f}")
   assert analytic <= xla_flops <= analytic * (1 + FLOPS_TOL), (analytic, xla_flops)
+
+
+V6E_HBM = 32 * GIB          # v6e: 32 GB of HBM per chip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, mesh, hbm", [("tpu:v6e:2x2", "fsdp=2,context=2", V6E_HBM),
+                                               ("tpu:v5p:2x2x2", "fsdp=2,context=4", V5P_HBM)])
+def test_sampling_step_fits(target, mesh, hbm):
+  """One whole sampling step of the pipeline (CFG pair through the DiT, guidance, UniPC update),
+  81×480×832, 3 references, bfloat16, splash attention."""
+  rc, result = run_aot("--target", target, "--mesh", mesh, "--attention", "splash",
+                       "--program", "sampling_step")
+  assert rc == 0, result
+  print(f"{target} sampling step:", result)
+  assert result["program"] == "sampling_step"
+  assert result["custom_calls"].get("tpu_custom_call", 0) >= 3, result["custom_calls"]
+  assert 0 < result["peak_bytes"] < hbm
+  check_flops(result)
