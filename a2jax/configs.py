@@ -344,9 +344,60 @@ class TrainConfig:
   output_dir: str = "runs"
   seed: int = 0
   steps: int = 1000
+  # a converted a2jax folder whose transformer/ starts the run; null: random initialisation
+  init_from: str | None = None
+  batch_size: int = 1            # global batch per optimizer step (all hosts, all micro-batches)
+  grad_accum_steps: int = 1      # micro-batches per step (a scan; gradients summed in float32)
+  # loss (a2jax/train/loss.py); the flow shift is sampling.shift
+  timestep_sampling: str = "uniform"   # uniform | logit_normal
+  logit_mean: float = 0.0
+  logit_std: float = 1.0
+  loss_weighting: str = "none"         # none | cosmap
+  # optimizer: AdamW, linear warmup then cosine decay to learning_rate · min_lr_ratio at `steps`
+  learning_rate: float = 1e-5
+  warmup_steps: int = 0
+  min_lr_ratio: float = 0.0
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 1e-8
+  weight_decay: float = 0.01
+  max_grad_norm: float = 1.0
+  ema_decay: float | None = None       # e.g. 0.9999; null: no EMA parameters
+  # checkpoints under {output_dir}/{run_name}/checkpoints/<step>/
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+  # metrics and profiling
+  log_every: int = 10
+  profile_start_step: int | None = None  # first step traced by jax.profiler; null: no trace
+  profile_steps: int = 3
+  # null: jax.distributed.initialize() when the environment says several processes
+  distributed: bool | None = None
 
   def __post_init__(self):
-    _check_positive(type(self).__name__, steps=self.steps)
+    name = type(self).__name__
+    _check_positive(name, steps=self.steps, batch_size=self.batch_size,
+                    grad_accum_steps=self.grad_accum_steps, checkpoint_every=self.checkpoint_every,
+                    keep_checkpoints=self.keep_checkpoints, log_every=self.log_every,
+                    profile_steps=self.profile_steps, learning_rate=self.learning_rate,
+                    logit_std=self.logit_std, adam_eps=self.adam_eps)
+    if self.batch_size % self.grad_accum_steps:
+      raise ConfigError(f"{name}.batch_size = {self.batch_size} is not a multiple of "
+                        f"grad_accum_steps = {self.grad_accum_steps}")
+    _check_choice(name, "timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal"))
+    _check_choice(name, "loss_weighting", self.loss_weighting, ("none", "cosmap"))
+    if not 0 <= self.warmup_steps <= self.steps:
+      raise ConfigError(f"{name}.warmup_steps = {self.warmup_steps} must be within [0, steps]")
+    if not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0 or self.max_grad_norm < 0:
+      raise ConfigError(f"{name}: min_lr_ratio must be in [0, 1], weight_decay and max_grad_norm "
+                        "non-negative (max_grad_norm 0 turns clipping off)")
+    if not (0 <= self.adam_b1 < 1 and 0 <= self.adam_b2 < 1):
+      raise ConfigError(f"{name}: adam_b1 and adam_b2 must be in [0, 1)")
+    if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+      raise ConfigError(f"{name}.ema_decay = {self.ema_decay} must be in (0, 1), or null")
+    if self.profile_start_step is not None and self.profile_start_step < 1:
+      raise ConfigError(f"{name}.profile_start_step = {self.profile_start_step} must be ≥ 1 "
+                        "(steps count from 1), or null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,12 +421,19 @@ class DataConfig:
   frame_stride: int = 1
   num_threads: int = 4
   prefetch: int = 4
+  # train.py's source: "encoded" records in data_dir, or "synthetic" random batches of the bucket's
+  # shapes (smoke runs, benchmarks) with these context lengths
+  source: str = "encoded"
+  synthetic_text_len: int = 512
+  synthetic_refs: int = 3
 
   def __post_init__(self):
     name = type(self).__name__
     _check_positive(name, frames=self.frames, height=self.height, width=self.width,
                     frame_stride=self.frame_stride, num_threads=self.num_threads,
-                    prefetch=self.prefetch)
+                    prefetch=self.prefetch, synthetic_text_len=self.synthetic_text_len,
+                    synthetic_refs=self.synthetic_refs)
+    _check_choice(name, "source", self.source, ("encoded", "synthetic"))
     for key in ("text_dropout", "ref_dropout"):
       if not 0.0 <= getattr(self, key) <= 1.0:
         raise ConfigError(f"{name}.{key} = {getattr(self, key)} must be a probability in [0, 1]")
