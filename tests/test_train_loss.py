@@ -2,6 +2,8 @@
 size 1, the optimizer's weight-decay mask and schedule; and the end-to-end convention check: a toy
 2-D velocity field trained with this loss and run through the a2jax samplers reproduces its data."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -91,13 +93,16 @@ def test_weight_decay_mask_spares_norms_biases_tables_and_embeddings():
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
+  """Evaluated at the optimizer count (0 for the first update, which ends step 1)."""
   cfg = configs.TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3, min_lr_ratio=0.1)
-  lr = optimizer.learning_rate_schedule(cfg)
-  assert float(lr(0)) == 0.0
-  assert float(lr(5)) == pytest.approx(5e-4)
-  assert float(lr(10)) == pytest.approx(1e-3)
-  assert float(lr(55)) == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-5)  # half-way down the cosine
-  assert float(lr(100)) == pytest.approx(1e-4)
+  lr = lambda step: float(optimizer.learning_rate_schedule(cfg)(step - 1))
+  assert lr(1) == pytest.approx(1e-4)
+  assert lr(5) == pytest.approx(5e-4)
+  assert lr(10) == pytest.approx(1e-3)
+  assert lr(55) == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-5)  # half-way down the cosine
+  assert lr(100) == pytest.approx(1e-4)
+  no_warmup = optimizer.learning_rate_schedule(dataclasses.replace(cfg, warmup_steps=0))
+  assert float(no_warmup(0)) == pytest.approx(1e-3, rel=1e-3)
 
 
 # --- the convention end to end ---------------------------------------------------------------

@@ -22,12 +22,13 @@ EMBEDDING_MODULES = ("patch_embedding", "condition_embedder")
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-  """0 → learning_rate linearly over warmup_steps, then cosine to learning_rate·min_lr_ratio at
-  `steps`. Evaluated at the number of optimizer steps taken (0 for the first update)."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0 if cfg.warmup_steps else cfg.learning_rate, peak_value=cfg.learning_rate,
-      warmup_steps=cfg.warmup_steps, decay_steps=cfg.steps,
-      end_value=cfg.learning_rate * cfg.min_lr_ratio)
+  """lr of the update that ends step n = count + 1 (count: optimizer steps taken before it):
+  linear warmup reaching learning_rate at step warmup_steps, then a cosine to
+  learning_rate·min_lr_ratio at step `steps`. The first update already has a nonzero lr."""
+  base = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+      decay_steps=cfg.steps, end_value=cfg.learning_rate * cfg.min_lr_ratio)
+  return lambda count: base(count + 1)
 
 
 def _path_names(path) -> list[str]:

@@ -1,0 +1,172 @@
+"""Flow-matching fine-tuning of the A2 transformer on encoded triplets (the DiT alone).
+
+    python train.py configs/a2_14b_train.yaml run_name=a2_ft output_dir=/ckpt key=value …
+
+The same command runs on every host of a pod. `run_name=` and `output_dir=` (any bare key of the
+`train` section) set `train.*`; other overrides are dotted (`mesh.fsdp=8`, `data.data_dir=…`).
+Everything lands under {output_dir}/{run_name}/: config.yaml, checkpoints/<step>/ (orbax),
+metrics.jsonl, tensorboard/ (events and profiler traces).
+
+The script reads top to bottom: config, distributed, mesh, data, model/optimizer/shardings,
+restore, step, loop. Resume order (restore): the latest complete checkpoint of the run (state and
+data position) if there is one; otherwise the transformer of `train.init_from` (a converted a2jax
+folder) with a fresh optimizer; otherwise random parameters from `train.seed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from a2jax import checkpoints, configs, sharding
+from a2jax.train import batches, metrics, optimizer
+from a2jax.train.checkpointing import Checkpoints
+from a2jax.train.state import abstract_state, init_state
+from a2jax.train.step import batch_shardings, jit_train_step
+
+TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(configs.TrainConfig))
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+  """(config path or preset name, dotted overrides); bare `train` keys get the `train.` prefix."""
+  if not argv or "=" in argv[0] or argv[0] in ("-h", "--help"):
+    raise SystemExit(__doc__)
+  overrides = []
+  for item in argv[1:]:
+    key = item.partition("=")[0]
+    overrides.append(f"train.{item}" if key in TRAIN_KEYS else item)
+  return argv[0], overrides
+
+
+def multi_process_environment() -> bool:
+  """Whether the launcher says this is one of several processes (TPU pod, SLURM, MPI, explicit)."""
+  env = os.environ
+  counts = (env.get(k, "1") for k in ("JAX_PROCESS_COUNT", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+  return (any(c.isdigit() and int(c) > 1 for c in counts) or "JAX_COORDINATOR_ADDRESS" in env
+          or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def check_finite(step: int, values: dict[str, float], ckpt: Checkpoints, ckpt_dir: str) -> None:
+  if np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"]):
+    return
+  ckpt.wait()  # the last good checkpoint is committed before the run stops
+  raise FloatingPointError(
+      f"step {step}: loss = {values['loss']}, grad norm = {values['grad_norm']} (not finite); the "
+      f"last good checkpoint is step {ckpt.latest_step()} in {ckpt_dir}: lower train.learning_rate "
+      "or check the data, then resume")
+
+
+def main(argv: list[str] | None = None) -> int:
+  # --- config -------------------------------------------------------------------------------
+  path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  cfg = configs.load(path, overrides)
+  tc = cfg.train
+  run_dir = os.path.join(tc.output_dir, tc.run_name)
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+
+  # --- distributed: before anything touches a device -----------------------------------------
+  if tc.distributed or (tc.distributed is None and multi_process_environment()):
+    jax.distributed.initialize()
+  primary = jax.process_index() == 0
+  if primary:
+    os.makedirs(run_dir, exist_ok=True)
+    checkpoints.write_config(run_dir, cfg)
+
+  # --- mesh -----------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(cfg.mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  # --- data: this host's iterator (its position is part of every checkpoint) -----------------
+  data_iterator = batches.host_loader(cfg)
+
+  # --- model, optimizer, shardings -------------------------------------------------------------
+  tx = optimizer.make_optimizer(tc)
+  ema = tc.ema_decay is not None
+  abstract, shardings = abstract_state(cfg.transformer, tx, mesh, ema)
+  sharding.check_replication(abstract.params, shardings.params, mesh)
+  init_key, step_key = jax.random.split(jax.random.key(tc.seed))
+  step_key = jax.device_put(step_key, replicated)
+
+  with jax.set_mesh(mesh):
+    # --- restore (resume order in the module docstring) ----------------------------------------
+    ckpt = Checkpoints(ckpt_dir, every=tc.checkpoint_every, keep=tc.keep_checkpoints,
+                       async_save=tc.async_checkpoints)
+    writer = metrics.MetricsWriter(run_dir)
+    start = ckpt.latest_step()
+    if start is not None:
+      state, saved = ckpt.restore(start, abstract, shardings, data_iterator)
+      changed = sorted(k for k in saved if saved[k] != configs.to_dict(cfg)[k])
+      writer.truncate_after(start)
+      print(f"resumed from step {start} of {ckpt_dir}"
+            + (f" (config sections changed since: {changed})" if changed else ""), flush=True)
+    else:
+      start = 0
+      params = None
+      if tc.init_from:
+        params = checkpoints.load_params(checkpoints.component_path(tc.init_from, "transformer"),
+                                         abstract.params, shardings.params)
+      state = init_state(cfg.transformer, tx, mesh, ema, key=init_key, params=params)
+      print(f"starting from {tc.init_from or 'random parameters'}", flush=True)
+
+    # --- step: compiled once for the batch shapes ----------------------------------------------
+    local = next(data_iterator)
+    b_shardings = batch_shardings(local, mesh)
+    batch = batches.global_batch(local, b_shardings)
+    began = time.perf_counter()
+    train_step = jit_train_step(cfg, tx, mesh, shardings, b_shardings).lower(
+        state, batch, step_key).compile()
+    flops = metrics.step_flops(cfg, {k: v.shape for k, v in batch.items()})
+    peak = metrics.peak_flops(jax.devices()[0].device_kind)
+    print(f"compiled the train step in {time.perf_counter() - began:.1f} s; "
+          f"{flops / 1e12:.1f} TFLOP per step (analytic)", flush=True)
+
+    # --- loop -----------------------------------------------------------------------------------
+    # Metrics are read one step late, so the host never stalls the device queue, except at log and
+    # checkpoint steps: a checkpoint is written only after its own step's loss was found finite.
+    profile = metrics.ProfileWindow(os.path.join(run_dir, "tensorboard"), tc.profile_start_step,
+                                    tc.profile_steps)
+    pending, window = [], []
+    window_start = time.perf_counter()
+    for step in range(start + 1, tc.steps + 1):
+      if batch is None:
+        batch = batches.global_batch(next(data_iterator), b_shardings)
+      profile.before_step(step)
+      state, step_metrics = train_step(state, batch, step_key)
+      batch = None
+      profile.after_step(step, step_metrics)
+      pending.append((step, step_metrics))
+      save = ckpt.should_save(step) or step == tc.steps
+      log = step % tc.log_every == 0 or step == tc.steps
+      ready, pending = (pending, []) if save or log else (pending[:-1], pending[-1:])
+      for s, m in ready:
+        values = {k: float(v) for k, v in jax.device_get(m).items()}
+        check_finite(s, values, ckpt, ckpt_dir)
+        window.append(values)
+      if log:
+        now = time.perf_counter()
+        step_time = (now - window_start) / len(window)
+        tflops = flops / step_time / jax.device_count() / 1e12
+        record = {"loss": float(np.mean([w["loss"] for w in window])),
+                  "grad_norm": float(np.mean([w["grad_norm"] for w in window])),
+                  "lr": window[-1]["lr"], "step_time_s": step_time, "tflops_per_device": tflops,
+                  "mfu": tflops * 1e12 / peak if peak else None}
+        writer.write(step, record)
+        if primary:
+          print(metrics.progress_line(step, tc.steps, record), flush=True)
+        window, window_start = [], now
+      if save:
+        ckpt.save(step, state, data_iterator, cfg)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
