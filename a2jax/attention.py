@@ -97,7 +97,10 @@ def _splash(q, k, v, scale):
     spec = sharding.logical_to_spec(("batch", "attn_heads", "attn_tokens", "act_kv"), qt.shape, mesh)
     head_axes = spec[1] if isinstance(spec[1], tuple) else (spec[1],) if spec[1] else ()
     local_heads = h // int(np.prod([dict(mesh.shape)[a] for a in head_axes]))
-  block_sizes = sk.BlockSizes(block_q=SPLASH_BLOCK_Q, block_kv=block_kv, block_kv_compute=block_kv)
+  # The backward blocks (dq computed inside the fused dk/dv kernel) serve training.
+  block_sizes = sk.BlockSizes(block_q=SPLASH_BLOCK_Q, block_kv=block_kv, block_kv_compute=block_kv,
+                              block_q_dkv=SPLASH_BLOCK_Q, block_kv_dkv=block_kv,
+                              block_kv_dkv_compute=block_kv, use_fused_bwd_kernel=True)
   kernel = sk.make_splash_mha(
       sm.MultiHeadMask([sm.FullMask((s_pad, l_pad))] * local_heads),
       block_sizes=block_sizes, head_shards=1, q_seq_shards=1)
