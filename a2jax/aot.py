@@ -164,14 +164,15 @@ def peak_bytes(compiled) -> int:
 
 
 def compile_program(fn: Callable, args: Sequence[Any], mesh) -> dict[str, Any]:
-  """Lowers and compiles `fn(*args)` on `mesh` (args are sharded ShapeDtypeStructs).
+  """Lowers and compiles `fn(*args)` on `mesh` (args are sharded ShapeDtypeStructs); `fn` may be
+  jitted already (with its own shardings and donation).
 
   Returns {"compile_s", "lower_s", "peak_bytes", "argument_bytes", "output_bytes", "temp_bytes",
   "custom_calls"} (custom-call targets of the compiled program and their counts: which kernels ran).
   """
   start = time.perf_counter()
   with jax.set_mesh(mesh):
-    lowered = jax.jit(fn).lower(*args)
+    lowered = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args)
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   done = time.perf_counter()
@@ -270,6 +271,51 @@ def compile_sampling_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence
   return result
 
 
+def train_step_args(cfg: configs.Config, mesh, video: VideoShape):
+  """(optimizer, state shardings, (state, batch, rng)) of `a2jax.train.step` for `video.batch`
+  encoded samples, as sharded ShapeDtypeStructs: float32 master params and Adam state."""
+  from a2jax.train import optimizer, state as train_state, step as train_step
+  tx = optimizer.make_optimizer(cfg.train)
+  abstract, shardings = train_state.abstract_state(cfg.transformer, tx, mesh,
+                                                   cfg.train.ema_decay is not None)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract, shardings)
+  t, b, (f, h, w), z = cfg.transformer, video.batch, video.latent_grid, cfg.vae.z_dim
+  shapes = {"latents": (b, f, h, w, z), "condition": (b, f, h, w, t.in_channels - z),
+            "text": (b, video.text_len, t.text_dim), "image": (b, video.image_len, t.image_dim)}
+  batch = {k: _abstract(v, jnp.float32, train_step.BATCH_LOGICAL_AXES[k], mesh)
+           for k, v in shapes.items()}
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  rng = jax.ShapeDtypeStruct(key.shape, key.dtype,
+                             sharding=NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return tx, shardings, (state, batch, rng)
+
+
+def compile_train_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence[str] = (),
+                       video: VideoShape = VideoShape(), preset: str = "a2_14b_train"
+                       ) -> dict[str, Any]:
+  """Compiles the DiT training step (`a2jax.train.step`, state donated) of `preset` for `target`
+  on a global batch of `video.batch` samples. FLOPs: 3 forwards per sample (model FLOPs, what MFU
+  counts); `flops_with_remat` adds the recomputed forward of full remat."""
+  from a2jax.train import step as train_step
+  cfg = configs.load(preset, overrides=list(overrides))
+  devices = target_devices(target)
+  mesh = sharding.make_mesh(mesh_cfg, devices)
+  tx, shardings, args = train_step_args(cfg, mesh, video)
+  step = train_step.jit_train_step(cfg, tx, mesh, shardings,
+                                   {k: v.sharding for k, v in args[1].items()})
+  result = compile_program(step, args, mesh)
+  flops = transformer_flops(cfg.transformer, video)
+  forwards = 4 if cfg.transformer.remat == "full" else 3
+  result.update(target=target, device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
+                attention=cfg.transformer.attention, remat=cfg.transformer.remat,
+                tokens=int(flops["tokens"]), batch=video.batch, program="train_step",
+                flops=3 * video.batch * flops["total"],
+                flops_with_remat=forwards * video.batch * flops["total"],
+                flops_per_sample=flops["total"], peak_gib=round(result["peak_bytes"] / GIB, 2))
+  return result
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI: one compile per process, one JSON line out.
 
@@ -290,8 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--mesh", type=_mesh_arg, default=MeshConfig(), help="e.g. fsdp=2,context=4")
   parser.add_argument("--attention", choices=("xla", "cudnn", "splash"), default=None)
   parser.add_argument("--preset", default="a2_14b")
-  parser.add_argument("--program", choices=("forward", "sampling_step"), default="forward",
-                      help="the transformer forward on a CFG batch, or one whole sampling step")
+  parser.add_argument("--program", choices=("forward", "sampling_step", "train_step"),
+                      default="forward", help="the transformer forward on a CFG batch, one whole "
+                      "sampling step, or the training step (use --preset a2_14b_train)")
   parser.add_argument("--frames", type=int, default=VideoShape.frames)
   parser.add_argument("--height", type=int, default=VideoShape.height)
   parser.add_argument("--width", type=int, default=VideoShape.width)
@@ -305,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   video = VideoShape(frames=args.frames, height=args.height, width=args.width, batch=args.batch,
                      image_len=257 * args.refs)
   try:
-    compile_fn = compile_sampling_step if args.program == "sampling_step" else compile_transformer
+    compile_fn = {"forward": compile_transformer, "sampling_step": compile_sampling_step,
+                  "train_step": compile_train_step}[args.program]
     result = compile_fn(args.target, args.mesh, overrides, video, args.preset)
   except Exception as e:  # the compiler's refusal (e.g. RESOURCE_EXHAUSTED) is a result here
     print(json.dumps({"error": f"{type(e).__name__}: {e}"[:4000]}), flush=True)
