@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
   replicated = NamedSharding(mesh, PartitionSpec())
 
   # --- data: this host's iterator (its position is part of every checkpoint) -----------------
-  data_iterator = batches.host_loader(cfg)
+  data_iterator = batches.host_loader(cfg, mesh)
 
   # --- model, optimizer, shardings -------------------------------------------------------------
   tx = optimizer.make_optimizer(tc)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- step: compiled once for the batch shapes ----------------------------------------------
     local = next(data_iterator)
     b_shardings = batch_shardings(local, mesh)
-    batch = batches.global_batch(local, b_shardings)
+    batch = batches.global_batch(local, b_shardings, tc.batch_size)
     began = time.perf_counter()
     train_step = jit_train_step(cfg, tx, mesh, shardings, b_shardings).lower(
         state, batch, step_key).compile()
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     window_start = time.perf_counter()
     for step in range(start + 1, tc.steps + 1):
       if batch is None:
-        batch = batches.global_batch(next(data_iterator), b_shardings)
+        batch = batches.global_batch(next(data_iterator), b_shardings, tc.batch_size)
       profile.before_step(step)
       state, step_metrics = train_step(state, batch, step_key)
       batch = None

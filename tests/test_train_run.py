@@ -39,7 +39,7 @@ at, calls, real = int(at), [0], batches.global_batch
 if mode == "kill":
   ckpt, *argv = argv
 
-def hooked(local, shardings):
+def hooked(local, *args):
   calls[0] += 1
   if calls[0] == at and mode == "kill":
     deadline = time.time() + 120
@@ -48,7 +48,7 @@ def hooked(local, shardings):
     os.kill(os.getpid(), signal.SIGKILL)
   if calls[0] == at and mode == "nan":
     local = dict(local, latents=np.full_like(local["latents"], np.nan))
-  return real(local, shardings)
+  return real(local, *args)
 
 batches.global_batch = hooked
 sys.exit(train.main(argv))
@@ -182,7 +182,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
 def test_init_from_a_converted_folder(tmp_path, env, data_dir, straight):
   """Parameters saved as a converted folder's transformer/ are the ones the run starts from: saved
-  from the same random draw as a fresh run, the two runs' trajectories are identical."""
+  from the same random draw as a fresh run, the two runs' trajectories are identical. (This run
+  also traces steps 2–3 with the profiler.)"""
   import jax
   from a2jax import checkpoints
   from a2jax.models.transformer import init_params
@@ -191,8 +192,10 @@ def test_init_from_a_converted_folder(tmp_path, env, data_dir, straight):
   folder = tmp_path / "converted"
   checkpoints.save_params(folder / "transformer", jax.device_get(init_params(cfg.transformer, init_key)))
   checkpoints.write_config(folder, cfg)
-  proc = run(env, run_args(tmp_path / "runs", data_dir, "init", f"init_from={folder}"))
+  proc = run(env, run_args(tmp_path / "runs", data_dir, "init", f"init_from={folder}",
+                           "profile_start_step=2", "profile_steps=2"))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert list((tmp_path / "runs" / "init" / "tensorboard" / "plugins" / "profile").rglob("*.xplane.pb"))
   assert f"starting from {folder}" in proc.stdout
   got, want = read_metrics(tmp_path / "runs" / "init"), straight[1]
   assert [m["loss"] for m in got] == [m["loss"] for m in want]

@@ -11,8 +11,9 @@ from typing import Any, Iterator
 import grain
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
-from a2jax import conditioning
+from a2jax import conditioning, sharding
 from a2jax.configs import Config
 from a2jax.data.encoded import encoded_loader
 from a2jax.errors import ConfigError
@@ -59,23 +60,38 @@ def synthetic_loader(cfg: Config, *, batch_size: int, shard_index: int = 0) -> I
   return iter(ds.batch(batch_size, drop_remainder=True).to_iter_dataset())
 
 
-def host_loader(cfg: Config) -> Iterator[Any]:
-  """This host's iterator of {name: (train.batch_size / process_count, ...) float32} batches."""
-  count, index = jax.process_count(), jax.process_index()
-  if cfg.train.batch_size % count:
-    raise ConfigError(f"train.batch_size = {cfg.train.batch_size} does not split over {count} "
-                      "hosts: use a multiple of the process count")
-  per_host = cfg.train.batch_size // count
+def host_rows(batch_size: int, mesh: Mesh) -> tuple[int, int]:
+  """(shard_index, shard_count) of this host's rows of a global batch sharded by the "batch" rule:
+  the rows its devices hold are block `shard_index` of `shard_count` equal blocks. Hosts whose
+  devices hold the same rows (batch not split over them) get the same block, hence read the same
+  records."""
+  rows = NamedSharding(mesh, sharding.logical_to_spec(("batch",), (batch_size,), mesh))
+  held = sorted({index[0].indices(batch_size)[:2]
+                 for index in rows.addressable_devices_indices_map((batch_size,)).values()})
+  start, stop = held[0][0], held[-1][1]
+  if sum(b - a for a, b in held) != stop - start or batch_size % (stop - start) or start % (stop - start):
+    raise ConfigError(f"this host's devices hold rows {held} of the batch of {batch_size}: not one "
+                      "aligned block; order the mesh so each host's devices are contiguous in batch")
+  return start // (stop - start), batch_size // (stop - start)
+
+
+def host_loader(cfg: Config, mesh: Mesh) -> Iterator[Any]:
+  """This host's iterator of {name: (rows, ...) float32} batches: the rows of the global batch
+  (train.batch_size) that its devices hold (see `host_rows`)."""
+  index, count = host_rows(cfg.train.batch_size, mesh)
+  rows = cfg.train.batch_size // count
   if cfg.data.source == "synthetic":
-    return synthetic_loader(cfg, batch_size=per_host, shard_index=index)
+    return synthetic_loader(cfg, batch_size=rows, shard_index=index)
   data = cfg.data
-  return encoded_loader(data.data_dir, batch_size=per_host, seed=data.seed, shard_index=index,
+  return encoded_loader(data.data_dir, batch_size=rows, seed=data.seed, shard_index=index,
                         shard_count=count, text_dropout=data.text_dropout,
                         ref_dropout=data.ref_dropout, num_threads=data.num_threads,
                         prefetch=data.prefetch)
 
 
-def global_batch(local: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
-  """This host's rows → global arrays on the batch shardings (hosts hold consecutive row blocks)."""
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+def global_batch(local: dict[str, np.ndarray], shardings: dict[str, Any],
+                 batch_size: int) -> dict[str, jax.Array]:
+  """This host's rows → global arrays of `batch_size` rows on the batch shardings."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v),
+                                                    (batch_size, *np.shape(v)[1:]))
           for k, v in local.items()}

@@ -13,7 +13,7 @@ batch-sharded array stay on that device.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
