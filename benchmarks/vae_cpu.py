@@ -104,21 +104,16 @@ def bench_time(args) -> dict:
     with torch.no_grad():
       return ref.decode(ref.encode(video_t).latent_dist.mean).sample
 
-  out = {"compile_s": compile_s}
-  for name, fn in (("a2jax", run_jax), ("diffusers", run_torch)):
-    result = fn()  # warm-up
-    times = []
-    for _ in range(args.runs):
+  mine, theirs = np.asarray(run_jax()), np.moveaxis(run_torch().numpy(), 1, -1)  # warm-up
+  out = {"compile_s": compile_s, "a2jax_all": [], "diffusers_all": [],
+         "max_rel_err": float(np.abs(mine - theirs).max() / np.abs(theirs).max())}
+  for _ in range(args.runs):  # interleaved, so that a shared machine's load hits both alike
+    for name, fn in (("a2jax", run_jax), ("diffusers", run_torch)):
       t = time.perf_counter()
       fn()
-      times.append(time.perf_counter() - t)
-    out[name] = statistics.median(times)
-    out[name + "_all"] = times
-    if name == "a2jax":
-      mine = np.asarray(result)
-    else:
-      theirs = np.moveaxis(result.numpy(), 1, -1)
-  out["max_rel_err"] = float(np.abs(mine - theirs).max() / np.abs(theirs).max())
+      out[name + "_all"].append(time.perf_counter() - t)
+  for name in ("a2jax", "diffusers"):
+    out[name] = statistics.median(out[name + "_all"])
   return out
 
 

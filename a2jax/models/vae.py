@@ -41,8 +41,9 @@ def _constrain(x: jax.Array) -> jax.Array:
 class Conv(nn.Module):
   """N-d convolution, channels-last, kernel (*k, in, out) (= torch (out, in, *k) transposed).
 
-  `padding` is explicit ((lo, hi) per spatial dim); the conv runs in `dtype` with float32
-  accumulation and returns `dtype`.
+  `padding` is explicit ((lo, hi) per spatial dim; 3D kernels take no time padding, the causal
+  cache gives it, see `causal_conv`); the conv runs in `dtype` with float32 accumulation and
+  returns `dtype`.
   """
 
   features: int
