@@ -1,6 +1,5 @@
 """VAE converter: diffusers and original-Wan names, the CLI round trip, error cases, full-size count."""
 
-import pathlib
 import re
 
 import jax
