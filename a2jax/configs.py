@@ -35,6 +35,7 @@ BOOKKEEPING_KEYS = frozenset({
     "label2id", "problem_type", "tokenizer_class", "prefix", "bos_token_id", "pad_token_id",
     "eos_token_id", "sep_token_id", "decoder_start_token_id", "task_specific_params",
     "finetuning_task", "use_cache", "initializer_range", "initializer_factor",
+    "_use_default_values",  # diffusers' in-memory `model.config` bookkeeping
 })
 
 
@@ -140,8 +141,7 @@ class TransformerConfig(ComponentConfig):
 class VAEConfig(ComponentConfig):
   """WanVAE = diffusers `AutoencoderKLWan` (Wan 2.1 layout). Defaults = diffusers'."""
 
-  # `_use_default_values`: diffusers' in-memory `model.config` bookkeeping (not in config.json).
-  IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"dropout", "_use_default_values"})
+  IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"dropout"})
 
   base_dim: int = 96
   decoder_base_dim: int | None = None
