@@ -498,6 +498,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return build(tp, value, where)
   if tp is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
+  if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+    try:
+      return float(value)
+    except ValueError:
+      pass
   if tp is bool and not isinstance(value, bool):
     raise ConfigError(f"{where} = {value!r} must be true or false")
   if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):

@@ -26,6 +26,8 @@ def test_release_values_and_overrides():
   assert (t.num_layers, t.inner_dim, t.rope_dims, t.in_channels) == (2, 5120, (44, 42, 42), 36)
   assert (t.image_dim, t.added_kv_proj_dim, t.param_dtype) == (1280, 5120, "bfloat16")
   assert cfg.mesh.tensor == 2 and cfg.vae.tiling is True
+  # YAML 1.1 reads 1e-5 (no dot) as a string: float fields still take it.
+  assert configs.load("tiny", ["train.learning_rate=1e-5"]).train.learning_rate == 1e-5
 
 
 @pytest.mark.parametrize("override, message", [

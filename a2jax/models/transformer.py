@@ -220,9 +220,14 @@ class PatchEmbedding(nn.Module):
     bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (d,), pdtype)
     b, f, h, w, c = x.shape
     patches = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c)
-    tokens = jnp.einsum("bfthpwqc,tpqcd->bfhwd", patches.astype(dtype), kernel.astype(dtype),
+    patches = patches.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, -1, pt * ph * pw * c)
+    # Tokens are laid out (batch, tokens) before the matmul: with the input's height split over
+    # `context` and its batch over `fsdp`, XLA (jax 0.10.2) differentiates a matmul on the 5-D
+    # layout followed by the token reshape wrongly (the kernel's gradient).
+    patches = sharding.constrain(patches.astype(dtype), ("batch", "tokens", None))
+    tokens = jnp.einsum("bsk,kd->bsd", patches, kernel.reshape(-1, d).astype(dtype),
                         preferred_element_type=jnp.float32) + bias.astype(jnp.float32)
-    return tokens.reshape(b, -1, d).astype(dtype)
+    return tokens.astype(dtype)
 
 
 class A2Transformer(nn.Module):

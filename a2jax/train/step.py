@@ -67,10 +67,6 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation
 
     def predict(x_t, t):
       x = jnp.concatenate([x_t, condition], axis=-1)
-      # The DiT input stays whole over `context` (it is small: 19 MB per 81-frame sample). With
-      # its height split over `context` and its batch over `fsdp`, XLA (jax 0.10.2, Shardy and
-      # GSPMD alike) computes a wrong patch_embedding gradient; tests/test_train_step.py checks it.
-      x = sharding.constrain(x, ("batch", None, None, None, None))
       return model.apply({"params": params}, x, t, batch["text"], batch["image"])
 
     loss, _ = flow_matching_loss(
