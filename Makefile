@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU is the backend of tests and demos even though libtpu and the CUDA plugin are installed
 # (they serve deviceless ahead-of-time compilation); 8 simulated devices exercise the sharding.
 export JAX_PLATFORMS := cpu
-export XLA_FLAGS := --xla_force_host_platform_device_count=8
+# Collectives between simulated devices wait for every device thread: on a loaded 2-core machine
+# that can take longer than XLA's default before it aborts, so allow more.
+export XLA_FLAGS := --xla_force_host_platform_device_count=8 \
+  --xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900
 export TF_CPP_MIN_LOG_LEVEL := 3
 PYTEST_ARGS ?=
 

@@ -4,9 +4,13 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
+# 8 simulated devices; collectives between them may wait long on a loaded 2-core machine before
+# XLA would abort the process.
+for flag in ("--xla_force_host_platform_device_count=8",
+             "--xla_cpu_collective_call_terminate_timeout_seconds=900",
+             "--xla_cpu_collective_timeout_seconds=900"):
+  if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
 import pytest  # noqa: E402
 
