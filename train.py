@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from a2jax import checkpoints, configs, sharding
+from a2jax.errors import TrainingError, run_main
 from a2jax.train import batches, metrics, optimizer
 from a2jax.train.checkpointing import Checkpoints
 from a2jax.train.state import abstract_state, init_state
@@ -56,7 +57,7 @@ def check_finite(step: int, values: dict[str, float], ckpt: Checkpoints, ckpt_di
   if np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"]):
     return
   ckpt.wait()  # the last good checkpoint is committed before the run stops
-  raise FloatingPointError(
+  raise TrainingError(
       f"step {step}: loss = {values['loss']}, grad norm = {values['grad_norm']} (not finite); the "
       f"last good checkpoint is step {ckpt.latest_step()} in {ckpt_dir}: lower train.learning_rate "
       "or check the data, then resume")
@@ -169,4 +170,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run_main(main))

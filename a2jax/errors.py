@@ -1,5 +1,8 @@
 """Typed errors of a2jax. Each carries a one-line message that names the problem and the fix."""
 
+import sys
+from typing import Callable, Sequence
+
 
 class A2JaxError(Exception):
   """Base class of every error a2jax raises on purpose."""
@@ -23,3 +26,17 @@ class ShardingError(A2JaxError, ValueError):
 
 class InputError(A2JaxError, ValueError):
   """User input to a model, the pipeline or an entry point is invalid (shapes, counts, files)."""
+
+
+class TrainingError(A2JaxError, FloatingPointError):
+  """A training run cannot go on (a non-finite loss or gradient, a failed training stage)."""
+
+
+def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+  """Runs a command-line entry point: an A2JaxError ends it with its one-line message on stderr
+  and exit status 2, not a traceback."""
+  try:
+    return main(argv)
+  except A2JaxError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2

@@ -32,6 +32,7 @@ import os, pathlib, signal, sys, time
 import numpy as np
 sys.path.insert(0, {repo!r})
 import train
+from a2jax.errors import run_main
 from a2jax.train import batches
 
 mode, at, *argv = sys.argv[1:]
@@ -51,7 +52,7 @@ def hooked(local, *args):
   return real(local, *args)
 
 batches.global_batch = hooked
-sys.exit(train.main(argv))
+sys.exit(run_main(train.main, argv))
 """
 
 
@@ -167,12 +168,20 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path, env, data_dir, straight):
   assert data_state(run_dir) == data_state(out / "resumed")
 
 
+def test_bad_override_is_one_line(env):
+  proc = run(env, [str(REPO / "configs" / "tiny_train.yaml"), "train.stepz=3"], timeout=120)
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "error: unknown key config.train.stepz" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, env, data_dir):
   out = tmp_path / "runs"
   driver = write_driver(tmp_path)
   proc = run(env, ["nan", "5", *run_args(out, data_dir, "nan", "checkpoint_every=2")], driver)
-  assert proc.returncode == 1
-  assert "FloatingPointError: step 5: loss = nan" in proc.stderr, proc.stderr[-3000:]
+  assert proc.returncode == 2
+  assert "error: step 5: loss = nan" in proc.stderr and "Traceback" not in proc.stderr, \
+      proc.stderr[-3000:]
   assert "the last good checkpoint is step 4" in proc.stderr
   ckpts = out / "nan" / "checkpoints"
   assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [2, 4]
