@@ -112,7 +112,7 @@ class Background:
   kind: str
   colour: str
   orientation: str = "horizontal"   # gradient / stripes: horizontal, vertical, diagonal
-  period: int = 8                    # stripes and checks: pixels at 64×64, scaled with the frame
+  period: int = 8                    # stripes and checks: pixels at 64×64, scaled up with the frame
   seed: int = 0                      # noise texture
 
   @property
@@ -197,7 +197,7 @@ def render_background(bg: Background, height: int, width: int) -> np.ndarray:
   """uint8 (H, W, 3): the background alone (static over the clip)."""
   base = np.asarray(BACKGROUND_COLOURS[bg.colour], np.float64)
   y, x = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
-  scale = min(height, width) / 64
+  scale = max(min(height, width) / 64, 1.0)   # smaller frames keep stripes a VAE can draw
   along = {"horizontal": x / width, "vertical": y / height,
            "diagonal": (x / width + y / height) / 2}[bg.orientation]
   if bg.kind == "gradient":
@@ -423,9 +423,9 @@ class SyntheticElements(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "PNG frames, caption, JSON spec, PNG references with roles."}
   BUILDER_CONFIGS = [
       SyntheticConfig(name="default", description="33 frames of 128×128, one or two elements"),
-      SyntheticConfig(name="demo", frames=17, height=64, width=64, min_elements=1, max_elements=1,
+      SyntheticConfig(name="demo", frames=17, height=32, width=32, min_elements=1, max_elements=1,
                       patterns=("solid",), train_examples=320, heldout_examples=16,
-                      description="make demo: 17 frames of 64×64, one solid element"),
+                      description="make demo: 17 frames of 32×32, one solid element"),
   ]
   DEFAULT_CONFIG_NAME = "default"
   code_path = pathlib.Path(__file__)   # see a2jax.data.triplets.Triplets
