@@ -33,8 +33,8 @@ from a2jax.configs import MeshConfig, TransformerConfig
 from a2jax.errors import ConfigError
 
 GIB = 1024**3
-DEFAULT_GPU_SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "..", "shared", "gpu_specs", "h100_sxm.txtpb")
+# XLA GPU device specs (from openxla/xla, Apache-2.0): what the CUDA plugin compiles for without a GPU.
+GPU_SPEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_specs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +60,13 @@ class VideoShape:
 # Targets: devices of a topology this machine does not have.
 
 
-def gpu_spec_path() -> str | None:
-  """Device spec of the CUDA target: $A2JAX_GPU_SPEC, else ../shared/gpu_specs/h100_sxm.txtpb
-  relative to the repository root when it exists, else None."""
-  path = os.environ.get("A2JAX_GPU_SPEC") or os.path.normpath(DEFAULT_GPU_SPEC)
-  return path if os.path.exists(path) else None
+def gpu_spec_path() -> str:
+  """Device spec of the CUDA target: $A2JAX_GPU_SPEC, else the bundled H100 SXM spec."""
+  path = os.environ.get("A2JAX_GPU_SPEC") or os.path.join(GPU_SPEC_DIR, "h100_sxm.txtpb")
+  if not os.path.isfile(path):
+    raise ConfigError(f"GPU device spec {path} does not exist: set A2JAX_GPU_SPEC to an XLA GPU "
+                      f"target config .txtpb ({GPU_SPEC_DIR} holds h100_sxm and h200)")
+  return path
 
 
 def _cuda_toolkit_dir() -> str | None:
@@ -100,8 +102,6 @@ def target_devices(target: str) -> list[Any]:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
   if platform == "cuda":
     spec = gpu_spec_path()
-    if spec is None:
-      raise ConfigError("no GPU device spec: set A2JAX_GPU_SPEC to a .txtpb (../shared/gpu_specs)")
     hosts, _, gpus = name.partition("x")
     with open(spec) as f:
       desc = topologies.get_topology_desc(platform="cuda", topology_name="",

@@ -65,10 +65,7 @@ def test_tpu_v5p8_xla_attention_fsdp_only_is_refused():
 
 @pytest.mark.slow
 def test_h100x8_cudnn_fits():
-  spec = aot.gpu_spec_path()
-  if spec is None:
-    pytest.skip("no GPU device spec: set A2JAX_GPU_SPEC or add ../shared/gpu_specs/h100_sxm.txtpb")
-  with open(spec) as f:
+  with open(aot.gpu_spec_path()) as f:
     device_memory = int(re.search(r"device_memory_size:\s*(\d+)", f.read()).group(1))
   rc, result = run_aot("--target", "cuda:1x8", "--mesh", "fsdp=2,context=4", "--attention", "cudnn")
   assert rc == 0, result
