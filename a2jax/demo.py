@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import os
 import pathlib
@@ -44,16 +43,17 @@ import optax
 import tqdm
 from PIL import Image, ImageDraw
 
-from a2jax import checkpoints, conditioning, configs, sharding, text, video
+from a2jax import checkpoints, conditioning, configs, text, video
 from a2jax.data import encode, encoded, synthetic
 from a2jax.errors import ConfigError, TrainingError, run_main
 from a2jax.eval import fidelity
 from a2jax.models import clip as clip_model
 from a2jax.models import transformer as transformer_model
 from a2jax.models import umt5 as umt5_model
-from a2jax.models.vae import WanVAE, normalize_latents
-from a2jax.pipeline import A2Pipeline
-from a2jax.preprocess import PREPROCESSOR_CONFIG, ClipImageProcessor
+from a2jax.models.vae import WanVAE
+from a2jax.pipeline import IMAGE_PROCESSOR_DIR, TOKENIZER_DIR, A2Pipeline, video_to_uint8
+from a2jax.preprocess import PREPROCESSOR_CONFIG, to_vae_pixels
+from a2jax.train.checkpointing import trained_params
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = configs.CONFIG_DIR / "demo.yaml"
@@ -97,19 +97,8 @@ def log(message: str) -> None:
 
 
 def build_tokenizer(folder: pathlib.Path, words: Sequence[str]):
-  """A word-level sentencepiece model of `words`, saved as a T5 tokenizer with umT5's special ids
-  (<pad> 0, </s> 1, <unk> 2). transformers 5 needs the (piece, score) list to build it."""
-  import sentencepiece as spm
-  from transformers import T5Tokenizer
-  proto = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter([" ".join(words)]), model_writer=proto, vocab_size=len(words) + 3,
-      model_type="word", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-  sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
-  tokenizer = T5Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i))
-                                 for i in range(sp.get_piece_size())], extra_ids=0)
-  tokenizer.save_pretrained(str(folder))
-  return tokenizer
+  """A word-level T5 tokenizer of `words` (one token a word, plus <pad>, </s>, <unk>)."""
+  return text.train_tokenizer(folder, [" ".join(words)], len(words) + 3, model_type="word")
 
 
 def inflate(path, kernel: jax.Array) -> jax.Array:
@@ -175,7 +164,7 @@ def train_vae(cfg: configs.VAEConfig, frames: np.ndarray, elements: np.ndarray,
     batch = np.stack([frames[i, ys, xs] for i, ys, xs in window])[:, None]
     weight = 1 + (settings.element_weight - 1) * np.stack([elements[i, ys, xs]
                                                             for i, ys, xs in window])[:, None]
-    params, opt_state, rec = step(params, opt_state, batch.astype(np.float32) / 127.5 - 1.0,
+    params, opt_state, rec = step(params, opt_state, to_vae_pixels(batch),
                                   weight.astype(np.float32))
     bar.set_postfix_str(f"loss {float(rec):.3f}", refresh=False)
   return params
@@ -189,7 +178,7 @@ def latent_statistics(vae_params, cfg: configs.VAEConfig, clips: Sequence[np.nda
   vae = WanVAE(cfg)
   encode_fn = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode)[0])
   frames = np.concatenate([clip[::conditioning.TEMPORAL_STRIDE] for clip in clips])[:, None]
-  means = np.concatenate([np.asarray(encode_fn(vae_params, frames[i:i + 32] / 127.5 - 1.0))
+  means = np.concatenate([np.asarray(encode_fn(vae_params, to_vae_pixels(frames[i:i + 32])))
                           .reshape(-1, cfg.z_dim) for i in range(0, len(frames) - 31, 32)])
   return tuple(float(v) for v in means.mean(0)), tuple(float(v) for v in means.std(0))
 
@@ -201,13 +190,13 @@ def build_model_folder(paths: Paths, cfg: configs.Config, train_records: Sequenc
   tmp = folder.with_name(folder.name + ".partial")
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
-  tokenizer = build_tokenizer(tmp / "tokenizer", synthetic.vocabulary())
+  tokenizer = build_tokenizer(tmp / TOKENIZER_DIR, synthetic.vocabulary())
   if len(tokenizer) > cfg.umt5.vocab_size:
     raise ConfigError(f"the caption tokenizer has {len(tokenizer)} tokens > umt5.vocab_size "
                       f"= {cfg.umt5.vocab_size} in {CONFIG}: raise it")
   size = cfg.clip.image_size
-  (tmp / "image_processor").mkdir()
-  (tmp / "image_processor" / PREPROCESSOR_CONFIG).write_text(json.dumps(
+  (tmp / IMAGE_PROCESSOR_DIR).mkdir()
+  (tmp / IMAGE_PROCESSOR_DIR / PREPROCESSOR_CONFIG).write_text(json.dumps(
       {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}))
   k_clip, k_umt5 = jax.random.split(jax.random.key(settings.seed + 1))
   checkpoints.save_params(tmp / "clip", clip_model.init_params(cfg.clip, k_clip))
@@ -236,17 +225,12 @@ def build_model_folder(paths: Paths, cfg: configs.Config, train_records: Sequenc
 
 def encode_clips(paths: Paths, records: Sequence[dict], batch_size: int = 8) -> None:
   """Training clips → encoded records under OUT/encoded, through a2jax.data.encode.Encoder."""
-  folder = paths.model
-  cfg = checkpoints.read_config(folder)
-  mesh = sharding.make_mesh(cfg.mesh)
-  params = {name: checkpoints.load_component(folder, name, getattr(cfg, name), mesh)
-            for name in ("vae", "clip", "umt5")}
-  processor = ClipImageProcessor.from_folder(folder / "image_processor")
-  encoder = encode.Encoder(cfg, params, text.load_tokenizer(folder / "tokenizer"), processor, mesh)
+  encoder = encode.Encoder.from_folder(paths.model)
 
   def batches() -> Iterator[dict]:
     for lo in tqdm.trange(0, len(records), batch_size, desc="encode", unit="batch"):
-      chunk = [synthetic.encoder_example(r, processor) for r in records[lo:lo + batch_size]]
+      chunk = [synthetic.encoder_example(r, encoder.clip_processor)
+               for r in records[lo:lo + batch_size]]
       n = len(chunk)
       chunk += [chunk[-1]] * (batch_size - n)      # one compiled shape
       yield from encoder(chunk, list(range(lo, lo + batch_size)))[:n]
@@ -260,7 +244,6 @@ def encode_clips(paths: Paths, records: Sequence[dict], batch_size: int = 8) -> 
 def train_transformer(paths: Paths) -> None:
   """Runs train.py on the encoded records (the folder's config), then copies its EMA parameters
   into the folder."""
-  import orbax.checkpoint as ocp
   run = paths.runs / "dit"
   shutil.rmtree(run, ignore_errors=True)
   command = [sys.executable, str(REPO / "train.py"), str(paths.model / checkpoints.CONFIG_FILE),
@@ -270,13 +253,9 @@ def train_transformer(paths: Paths) -> None:
   if code:
     raise TrainingError(f"train.py stopped with exit status {code} (its message is above); fix "
                         f"that, then run the demo again")
-  manager = ocp.CheckpointManager(run / "checkpoints", item_names=("state",))
-  step = manager.latest_step()
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  params = state["ema_params"] if state.get("ema_params") is not None else state["params"]
   tmp = paths.model / "transformer.partial"
   shutil.rmtree(tmp, ignore_errors=True)
-  checkpoints.save_params(tmp, params)
+  checkpoints.save_params(tmp, trained_params(run / "checkpoints"))
   os.replace(tmp, paths.model / "transformer")
 
 
@@ -325,17 +304,15 @@ def sample_and_score(paths: Paths, records: Sequence[dict]) -> dict[str, Any]:
       pipe.params = {**pipe.params, "transformer": params}
       results[name] = pipe(clip.caption, refs[:-1], refs[-1], progress=False).frames[0]
     truth = synthetic.record_frames(record)
-    recon = np.asarray(jnp.round((roundtrip(pipe.params["vae"], truth[None] / 127.5 - 1.0)[0] + 1)
-                                 * 127.5).clip(0, 255), np.uint8)
+    recon = video_to_uint8(roundtrip(pipe.params["vae"], to_vae_pixels(truth[None]))[0])
     kept = len(results["trained"])
+    clip_name = record["name"].decode()
     for name, frames in (*results.items(), ("vae", recon[-kept:])):
-      scores[name].append({"name": record["name"].decode(),
-                           **fidelity.score_video(frames, clip)})
+      scores[name].append({"name": clip_name, **fidelity.score_video(frames, clip)})
     if i < SAMPLED:
-      name = record["name"].decode()
-      video.write_mp4(paths.samples / f"{name}.mp4", results["trained"], cfg.sampling.fps)
+      video.write_mp4(paths.samples / f"{clip_name}.mp4", results["trained"], cfg.sampling.fps)
       row = (clip.caption, refs, results["trained"])
-      Image.fromarray(strip([row])).save(paths.samples / f"{name}.png")
+      Image.fromarray(strip([row])).save(paths.samples / f"{clip_name}.png")
       rows.append(row)
   pipe.params = {**pipe.params, "transformer": trained}
   Image.fromarray(strip(rows)).save(paths.samples / "demo.png")

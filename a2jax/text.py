@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 import html
+import io
 import os
 import pathlib
 import re
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import ftfy
 import jax
@@ -38,6 +39,25 @@ def load_tokenizer(folder: str | os.PathLike):
     raise InputError(f"tokenizer folder {folder} does not exist: pass the converted folder's "
                      "tokenizer/ (copied by python -m convert_weights umt5)")
   return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def train_tokenizer(folder: str | os.PathLike, sentences: Iterable[str], vocab_size: int,
+                    **trainer_options):
+  """Trains a sentencepiece model on `sentences` and saves it in `folder` as a T5 tokenizer with
+  umT5's special ids (<pad> 0, </s> 1, <unk> 2); returns the tokenizer. `trainer_options` go to
+  `SentencePieceTrainer.train` (model_type, …). transformers 5 needs the (piece, score) list:
+  `T5Tokenizer(vocab_file=…)` silently yields a 4-token vocabulary."""
+  import sentencepiece as spm
+  from transformers import T5Tokenizer
+  proto = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences), model_writer=proto, vocab_size=vocab_size, pad_id=0,
+      eos_id=1, unk_id=2, bos_id=-1, minloglevel=2, **trainer_options)
+  sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+  tokenizer = T5Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i))
+                                 for i in range(sp.get_piece_size())], extra_ids=0)
+  tokenizer.save_pretrained(str(folder))
+  return tokenizer
 
 
 def tokenize(tokenizer, prompts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,9 +10,10 @@ noise-like; it proves the plumbing, not the model. Needs the `test` extra (torch
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import pathlib
+
+from a2jax import text
 
 # Widths small enough for a 2-core CPU, every structural feature of the release kept: I2V image
 # branch, several heads and layers, the full VAE structure, a CLIP tower read at its penultimate layer.
@@ -55,21 +56,9 @@ def randomize_(module, seed: int, scale: float = 0.2) -> None:
 
 
 def build_tokenizer(folder: pathlib.Path, vocab_size: int, sentences=TOKENIZER_SENTENCES):
-  """A unigram sentencepiece model trained on a few sentences, wrapped as a T5 tokenizer with
-  umT5's special ids (<pad> 0, </s> 1, <unk> 2). transformers 5 needs the (piece, score) list:
-  `T5Tokenizer(vocab_file=…)` silently yields a 4-token vocabulary."""
-  import sentencepiece as spm
-  from transformers import T5Tokenizer
-  proto = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(tuple(sentences) * 4), model_writer=proto, vocab_size=vocab_size,
-      model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-      character_coverage=1.0, minloglevel=2)
-  sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
-  vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-  tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
-  tokenizer.save_pretrained(str(folder))
-  return tokenizer
+  """A unigram sentencepiece T5 tokenizer with umT5's special ids, trained on a few sentences."""
+  return text.train_tokenizer(folder, tuple(sentences) * 4, vocab_size, model_type="unigram",
+                              hard_vocab_limit=False, character_coverage=1.0)
 
 
 def build(dst: str | pathlib.Path, seed: int = 0) -> pathlib.Path:

@@ -19,7 +19,8 @@ import pytest
 
 from a2jax import configs
 from a2jax.data.encoded import write_encoded
-from a2jax.train import batches
+from a2jax.errors import CheckpointError
+from a2jax.train import batches, checkpointing
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -139,6 +140,28 @@ def test_smoke_run_writes_config_checkpoints_and_metrics(straight):
   assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
   assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
   assert all(np.isfinite(m["loss"]) and m["step_time_s"] > 0 and m["lr"] > 0 for m in metrics)
+
+
+def test_trained_params_for_sampling(straight, tmp_path):
+  """A run gives for sampling its chosen (default: newest) checkpoint's EMA parameters, or its
+  parameters when it keeps no EMA (the straight run)."""
+  ckpts = straight[0] / "checkpoints"
+  for step in (None, 3):
+    state = flat(read_state(ckpts / str(step or STEPS)))
+    got = flat(checkpointing.trained_params(ckpts, step))
+    assert got
+    for k, v in got.items():
+      np.testing.assert_array_equal(v, state["['params']" + k], err_msg=k)
+  ema_run = tmp_path / "ema"
+  with ocp.CheckpointManager(ema_run, item_names=("state",)) as manager:
+    manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(
+        {"step": np.int32(7), "params": {"w": np.zeros(3)}, "ema_params": {"w": np.ones(3)}})))
+  np.testing.assert_array_equal(checkpointing.trained_params(ema_run)["w"], np.ones(3))
+  with pytest.raises(CheckpointError, match="no complete checkpoint of step 4"):
+    checkpointing.trained_params(ckpts, 4)
+  with pytest.raises(CheckpointError, match="no complete checkpoint"):
+    checkpointing.trained_params(tmp_path / "nothing")
+  assert not (tmp_path / "nothing").exists()
 
 
 def test_resume_after_sigkill_is_bit_for_bit(tmp_path, env, data_dir, straight):

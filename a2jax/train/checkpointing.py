@@ -19,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from a2jax import configs
+from a2jax.errors import CheckpointError
 from a2jax.train.state import TrainState
 
 
@@ -66,3 +67,21 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def trained_params(directory: str | os.PathLike, step: int | None = None) -> Any:
+  """The transformer parameters a run's checkpoint gives for sampling: its EMA when the run keeps
+  one, else its parameters, of checkpoint `step` (default: the newest), as host arrays; save them
+  with `a2jax.checkpoints.save_params` as a converted folder's `transformer/`."""
+  missing = lambda step: CheckpointError(
+      f"{directory} holds no complete checkpoint{'' if step is None else f' of step {step}'}: "
+      "point at a run's {output_dir}/{run_name}/checkpoints after train.py has saved one")
+  if not os.path.isdir(directory):
+    raise missing(step)
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+  with ocp.CheckpointManager(os.fspath(directory), options=options, item_names=("state",)) as manager:
+    step = max(manager.all_steps(), default=None) if step is None else step
+    if step not in manager.all_steps():
+      raise missing(step)
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return state["ema_params"] if state.get("ema_params") is not None else state["params"]
