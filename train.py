@@ -20,6 +20,7 @@ import os
 import sys
 import time
 
+import a2jax  # noqa: F401  first: it chooses the JAX backends before jax is imported
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec

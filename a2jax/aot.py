@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from a2jax import configs, sharding
+from a2jax import configs, platforms, sharding
 from a2jax.configs import MeshConfig, TransformerConfig
 from a2jax.errors import ConfigError
 
@@ -80,7 +80,8 @@ def _cuda_toolkit_dir() -> str | None:
 
 
 def cuda_env(env: dict[str, str] | None = None) -> dict[str, str]:
-  """Environment of a process compiling for CUDA deviceless: the nvcc wheel's ptxas first on PATH.
+  """Environment of a process compiling for CUDA deviceless: the CUDA plugin allowed to load, the
+  nvcc wheel's ptxas first on PATH.
 
   The CUDA plugin finds that wheel by itself (it looks in ../../nvidia/cuda_nvcc from its own
   folder; checked with no ptxas on PATH); putting it first on PATH keeps a system toolkit of
@@ -88,6 +89,7 @@ def cuda_env(env: dict[str, str] | None = None) -> dict[str, str]:
   subprocess.
   """
   env = dict(os.environ if env is None else env)
+  env[platforms.CUDA_AOT_ENV] = "1"  # load the CUDA plugin even without a GPU (a2jax/platforms.py)
   toolkit = _cuda_toolkit_dir()
   if toolkit:
     env["PATH"] = os.path.join(toolkit, "bin") + os.pathsep + env.get("PATH", "")
@@ -346,6 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--refs", type=int, default=3, help="reference images (257 CLIP tokens each)")
   parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
   args = parser.parse_args(argv)
+  if args.target.startswith("cuda:") and platforms.cuda_plugin_blocked():
+    # This process started without the CUDA plugin (no GPU here): start again with it.
+    command = [sys.executable, "-m", "a2jax.aot", *(sys.argv[1:] if argv is None else argv)]
+    os.execve(sys.executable, command, cuda_env())
   overrides = list(args.overrides)
   if args.attention:
     overrides.append(f"transformer.attention={args.attention}")

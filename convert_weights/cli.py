@@ -1,5 +1,9 @@
 """`python -m convert_weights COMPONENT --src DIR_OR_FILE --dst OUT [--dtype bfloat16] [--force]`.
 
+Other commands, each a module with its own `main(argv)` (`python -m convert_weights COMMAND -h`):
+`export` (a2jax folder → diffusers / ComfyUI files), `export-lora` (a trained LoRA → a LoRA file),
+`merge-lora` (LoRA files merged into a new a2jax folder).
+
 Converts one component of a SkyReels-A2 release (diffusers layout) or an original Wan2.1 `.pth`
 into an a2jax folder: `config.yaml` + `<component>/` (an orbax checkpoint) + the component's extra
 files (tokenizer, image processor). Streams tensor by tensor, writes into a temporary folder that
@@ -24,6 +28,9 @@ from a2jax.errors import A2JaxError, ConversionError
 from convert_weights import common
 
 COMPONENTS = ("transformer", "vae", "clip", "umt5")
+# command -> module whose main(argv) -> int runs it
+COMMANDS = {"export": "convert_weights.export", "export-lora": "convert_weights.export_lora",
+            "merge-lora": "convert_weights.merge_lora"}
 
 
 def component_module(name: str):
@@ -115,7 +122,8 @@ def parse_args(argv):
   p = argparse.ArgumentParser(prog="python -m convert_weights", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("component", choices=(*COMPONENTS, "release"),
-                 help="one component, or 'release': every component of a release folder")
+                 help="one component, or 'release': every component of a release folder (other "
+                 f"commands: {', '.join(COMMANDS)})")
   p.add_argument("--src", required=True, help="component folder of the release (with config.json "
                  "and safetensors shards), a weights file (.safetensors, .pth, .bin), or for "
                  "'release' the whole release folder")
@@ -131,7 +139,10 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv and argv[0] in COMMANDS:
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+  args = parse_args(argv)
   start = time.time()
   try:
     if args.component == "release":

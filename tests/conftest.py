@@ -12,6 +12,7 @@ for flag in ("--xla_force_host_platform_device_count=8",
   if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
+import a2jax  # noqa: E402,F401  before jax: chooses the backends as every entry point does
 import pytest  # noqa: E402
 
 
