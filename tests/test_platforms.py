@@ -36,6 +36,10 @@ def plain_shell_run(*args: str) -> subprocess.CompletedProcess:
     (["train.py", "configs/tiny.yaml", "trian.learning_rate=1e-4"], "error: unknown key config.trian"),
     (["-m", "convert_weights", "transformer", "--src", "/nonexistent-src", "--dst", "/tmp/x"],
      "error: --src /nonexistent-src does not exist"),
+    (["-m", "a2jax.data.encode", "--src", "/nonexistent-data", "--checkpoint", "/nonexistent-ckpt",
+      "--dst", "/tmp/a2jax-never-written"], "error: /nonexistent-ckpt has no config.yaml"),
+    (["-m", "a2jax.data.triplets", "--src", "/nonexistent-raw", "--data-dir",
+      "/tmp/a2jax-never-written"], "error: source folder /nonexistent-raw does not exist"),
 ])
 def test_commands_print_no_plugin_noise(args, expected):
   proc = plain_shell_run(*args)
@@ -43,6 +47,7 @@ def test_commands_print_no_plugin_noise(args, expected):
   assert out.lstrip().startswith(expected), out
   if expected.startswith("error:"):
     assert proc.returncode == 2 and len(out.strip().splitlines()) == 1, out
+  assert not os.path.exists("/tmp/a2jax-never-written")
   noise = [line for line in out.splitlines() if any(word in line for word in PLUGIN_NOISE)]
   assert not noise, out
 

@@ -49,7 +49,7 @@ from jax.experimental import multihost_utils
 from a2jax import checkpoints, conditioning, preprocess, sharding, text
 from a2jax.configs import Config
 from a2jax.data import encoded, pipeline, triplets
-from a2jax.errors import InputError
+from a2jax.errors import InputError, run_main
 from a2jax.models import clip as clip_model
 from a2jax.models.vae import WanVAE, normalize_latents
 
@@ -276,4 +276,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(run_main(main))

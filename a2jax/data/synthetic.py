@@ -48,7 +48,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
 from a2jax import conditioning, preprocess
-from a2jax.errors import InputError
+from a2jax.errors import InputError, run_main
 
 SHAPES = ("circle", "square", "triangle", "star", "ring")
 # Saturated element colours; backgrounds use their own muted palette (distinct names and tones).
@@ -562,4 +562,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(run_main(main))

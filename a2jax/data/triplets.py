@@ -45,7 +45,7 @@ from PIL import Image
 
 from a2jax import preprocess
 from a2jax.data import video as video_io
-from a2jax.errors import InputError
+from a2jax.errors import InputError, run_main
 
 ROLES = ("subject", "object", "background")
 REPORT_FILE = "bad_records.json"
@@ -220,14 +220,8 @@ class Triplets(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    if self.src_dir is None or not self.src_dir.is_dir():
-      raise InputError(f"source folder {self.src_dir} does not exist: pass --src, the folder of "
-                       "*.jsonl manifests")
-    manifests = sorted(self.src_dir.glob("*.jsonl"))
-    if not manifests:
-      raise InputError(f"{self.src_dir} has no *.jsonl manifest (one per split, e.g. train.jsonl)")
     self.info.metadata.update(min_frames=self.min_frames, num_references={}, bad_records={})
-    return {m.stem: self._generate_examples(m.stem, m) for m in manifests}
+    return {m.stem: self._generate_examples(m.stem, m) for m in split_manifests(self.src_dir)}
 
   def _generate_examples(self, split: str, manifest: pathlib.Path) -> Iterator[tuple[str, dict]]:
     counts: collections.Counter = collections.Counter()
@@ -247,9 +241,21 @@ class Triplets(tfds.core.GeneratorBasedBuilder):
     self.info.metadata["bad_records"][split] = len(bad)
 
 
+def split_manifests(src_dir: pathlib.Path | None) -> list[pathlib.Path]:
+  """The `<split>.jsonl` manifests of a source folder, or a one-line InputError."""
+  if src_dir is None or not src_dir.is_dir():
+    raise InputError(f"source folder {src_dir} does not exist: pass --src, the folder of "
+                     "*.jsonl manifests")
+  manifests = sorted(src_dir.glob("*.jsonl"))
+  if not manifests:
+    raise InputError(f"{src_dir} has no *.jsonl manifest (one per split, e.g. train.jsonl)")
+  return manifests
+
+
 def build(src_dir: str | os.PathLike, data_dir: str | os.PathLike, *, min_frames: int = 1,
           verbose: bool = True) -> Triplets:
   """Builds (or reuses) the dataset; writes `bad_records.json` beside it and prints a summary."""
+  split_manifests(pathlib.Path(src_dir))  # a bad --src is reported before TFDS touches data_dir
   builder = Triplets(src_dir=src_dir, min_frames=min_frames, data_dir=data_dir)
   if builder.is_prepared():
     if verbose:
@@ -294,4 +300,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(run_main(main))
