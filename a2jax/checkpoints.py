@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Callable
 
 import jax
@@ -68,10 +68,7 @@ def save_params(path: str | os.PathLike, params: Any) -> None:
 def load_params(path: str | os.PathLike, abstract: Any, shardings: Any | None = None) -> Any:
   """Reads a params checkpoint into jax arrays of `abstract`'s shapes and dtypes, placed on
   `shardings` (a matching tree of NamedShardings) when given, each host reading only its shards."""
-  path = pathlib.Path(path).resolve()  # orbax needs absolute paths
-  if not (path / "orbax.checkpoint").exists() and not any(path.glob("*/_METADATA")):
-    raise CheckpointError(f"{path} is not an a2jax params checkpoint: convert the weights first "
-                          "(python -m convert_weights …)")
+  path = _checkpoint_dir(path)
   if shardings is None:
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -87,6 +84,53 @@ def load_params(path: str | os.PathLike, abstract: Any, shardings: Any | None = 
     raise CheckpointError(f"{path} does not fit the config ({len(problems)} differences, first: "
                           f"{problems[0]}): load it with the config it was converted with")
   return ocp.load_pytree(path, target)
+
+
+def _checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
+  path = pathlib.Path(path).resolve()  # orbax needs absolute paths
+  if not (path / "orbax.checkpoint").exists() and not any(path.glob("*/_METADATA")):
+    raise CheckpointError(f"{path} is not an a2jax params checkpoint: convert the weights first "
+                          "(python -m convert_weights …)")
+  return path
+
+
+def _stored_metadata(path: pathlib.Path) -> dict[tuple[str, ...], Any]:
+  try:
+    stored = ocp.pytree_metadata(path).metadata
+  except Exception as e:  # orbax raises many types for damaged folders
+    raise CheckpointError(f"{path} has unreadable checkpoint metadata ({type(e).__name__}): "
+                          "convert the weights again") from None
+  return {tuple(str(k.key) for k in keypath): m
+          for keypath, m in jax.tree_util.tree_leaves_with_path(stored)}
+
+
+def stored_leaves(path: str | os.PathLike) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+  """{leaf path: shape and dtype} of a params checkpoint, read from its metadata (no array data)."""
+  return {leaf: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
+          for leaf, m in _stored_metadata(_checkpoint_dir(path)).items()}
+
+
+def iter_params(path: str | os.PathLike, leaf_paths: Iterable[tuple[str, ...]] | None = None
+                ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+  """Yields (leaf path, numpy array) one leaf at a time, in `leaf_paths` order (default: all), so
+  host memory holds one leaf, not the checkpoint (orbax partial load of a one-leaf tree)."""
+  path = _checkpoint_dir(path)
+  stored = _stored_metadata(path)
+  context = ocp.Context()
+  context.pytree.loading.partial_load = True
+  for leaf_path in (stored if leaf_paths is None else leaf_paths):
+    if leaf_path not in stored:
+      raise CheckpointError(f"{path} has no leaf {'/'.join(leaf_path)}: load it with the config it "
+                            "was converted with")
+    try:
+      with context:  # the stored metadata as the abstract leaf: restored as numpy, on the host
+        tree = ocp.load_pytree(path, _nest(leaf_path, stored[leaf_path]))
+    except Exception as e:  # orbax / tensorstore raise many types for damaged data
+      raise CheckpointError(f"{path}: leaf {'/'.join(leaf_path)} cannot be read "
+                            f"({type(e).__name__}): convert the weights again") from None
+    for part in leaf_path:
+      tree = tree[part]
+    yield leaf_path, np.asarray(tree)
 
 
 def write_config(folder: str | os.PathLike, cfg: configs.Config) -> None:

@@ -102,13 +102,41 @@ def _from_wan(target: common.Target) -> common.Target:
                              layout=lambda a: layout(adapt(a)))
 
 
+def reference_targets(cfg: CLIPConfig) -> list[common.Target]:
+  """Targets of every a2jax leaf, sourced from transformers names (conversion and export)."""
+  return common.structural_targets(init_abstract(cfg), stacked_prefixes=STACKED)
+
+
+def export_targets(cfg: CLIPConfig) -> list[common.Target]:
+  """`reference_targets` as transformers saves them: `CLIPVisionModelWithProjection` keeps the
+  tower under `vision_model.` beside `visual_projection.weight`; `CLIPVisionModel` has no prefix."""
+  targets = reference_targets(cfg)
+  if not cfg.with_projection:
+    return targets
+  return [t if t.sources == (PROJECTION,) else
+          dataclasses.replace(t, sources=tuple(f"vision_model.{s}" for s in t.sources))
+          for t in targets]
+
+
+# a2jax's own config fields (not in transformers' config.json).
+A2JAX_FIELDS = ("with_projection", "param_dtype", "dtype", "attention")
+
+
+def reference_config(cfg: CLIPConfig) -> dict:
+  """transformers' `config.json` of this config (`CLIPVisionModel`, or
+  `CLIPVisionModelWithProjection` with the projection)."""
+  model = "CLIPVisionModelWithProjection" if cfg.with_projection else "CLIPVisionModel"
+  return common.reference_config(cfg, A2JAX_FIELDS, {
+      "architectures": [model], "model_type": "clip_vision_model", "transformers_version": "5.23.0"})
+
+
 def plan(state_dict: common.LazyStateDict, cfg: CLIPConfig):
   """Targets for every a2jax leaf from either name set; strict key checks.
 
   A projection in the checkpoint is used when `cfg.with_projection`, and ignored otherwise (the
   image tokens do not need it).
   """
-  targets = common.structural_targets(init_abstract(cfg), stacked_prefixes=STACKED)
+  targets = reference_targets(cfg)
   if is_original_wan(state_dict):
     targets = [_from_wan(t) for t in targets]
     ignored = IGNORED_WAN + (() if cfg.with_projection else (r"visual\.head",))

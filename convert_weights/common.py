@@ -221,6 +221,9 @@ class Target:
   source_shape: tuple[int, ...]   # expected shape of each source tensor
   layout: Callable[[np.ndarray], np.ndarray]
   stacked: bool                   # sources are layers stacked along a new leading axis
+  # The inverse of `layout` (a2jax array, one layer when stacked → one source tensor), for export;
+  # None where the target cannot be written back.
+  to_source: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def torch_layout(leaf: str, ndim: int) -> tuple[Callable[[np.ndarray], np.ndarray],
@@ -229,12 +232,22 @@ def torch_layout(leaf: str, ndim: int) -> tuple[Callable[[np.ndarray], np.ndarra
 
   Linear (out, in) → (in, out); ConvNd (out, in, *k) → (*k, in, out); everything else as is.
   """
+  fwd, inv = _kernel_permutation(leaf, ndim)
+  return (lambda a: np.transpose(a, fwd)), (lambda s: tuple(s[i] for i in inv))
+
+
+def torch_unlayout(leaf: str, ndim: int) -> Callable[[np.ndarray], np.ndarray]:
+  """The a2jax → torch array map of one leaf name and rank (the inverse of `torch_layout`)."""
+  _, inv = _kernel_permutation(leaf, ndim)
+  return lambda a: np.transpose(a, inv)
+
+
+def _kernel_permutation(leaf: str, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(torch → a2jax axes, a2jax → torch axes): a2jax kernels are (*k, in, out), torch (out, in, *k)."""
   if leaf == "kernel" and ndim >= 2:
-    # a2jax (*k, in, out) <- torch (out, in, *k)
     fwd = tuple(range(2, ndim)) + (1, 0)
-    inv = tuple(np.argsort(fwd))
-    return (lambda a: np.transpose(a, fwd)), (lambda s: tuple(s[i] for i in inv))
-  return (lambda a: a), (lambda s: tuple(s))
+    return fwd, tuple(int(i) for i in np.argsort(fwd))
+  return tuple(range(ndim)), tuple(range(ndim))
 
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
@@ -269,11 +282,13 @@ def structural_targets(abstract_params: Mapping[str, Any], *, stacked_prefixes: 
       layers, per_layer = shape[0], shape[1:]
       layout, inverse = torch_layout(name, len(per_layer))
       sources = tuple(f"{stack_fmt.format(i=i)}.{torch_name}" for i in range(layers))
-      targets.append(Target(path, sources, inverse(per_layer), layout, True))
+      targets.append(Target(path, sources, inverse(per_layer), layout, True,
+                            torch_unlayout(name, len(per_layer))))
     else:
       layout, inverse = torch_layout(name, len(shape))
       full = f"{module}.{torch_name}" if module else torch_name
-      targets.append(Target(path, (full,), inverse(shape), layout, False))
+      targets.append(Target(path, (full,), inverse(shape), layout, False,
+                            torch_unlayout(name, len(shape))))
   return targets
 
 
@@ -377,3 +392,117 @@ def convert_in_memory(plan, state_dict: Mapping[str, Any], cfg, dtype=None) -> d
   from a2jax.models.layers import dtype_of
   targets, lazy = plan(as_lazy(state_dict), cfg)
   return nest(execute(targets, lazy, dtype or dtype_of(cfg.param_dtype)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: the same plan run backwards (a2jax leaves → reference tensors), streamed into safetensors.
+
+Item = tuple[str, np.ndarray]
+
+
+def export_items(targets: list[Target], read_leaf: Callable[[Path], np.ndarray],
+                 dtype=None) -> Iterator[Item]:
+  """Yields (reference name, tensor) in target order, one a2jax leaf read at a time (a stacked leaf
+  yields one tensor per layer); cast to `dtype` when given, else kept as stored."""
+  for t in targets:
+    if t.to_source is None:
+      raise ConversionError(f"{'/'.join(t.path)} has no export layout: give its Target a to_source")
+    leaf = read_leaf(t.path)
+    layers = leaf if t.stacked else [leaf]
+    for name, layer in zip(t.sources, layers):
+      tensor = t.to_source(layer)
+      if tuple(tensor.shape) != t.source_shape:
+        raise ConversionError(f"{name}: exported shape {tuple(tensor.shape)} ≠ {t.source_shape}")
+      yield name, np.ascontiguousarray(tensor if dtype is None else tensor.astype(dtype))
+
+
+def export_shapes(targets: list[Target], dtype_of_leaf: Callable[[Path], np.dtype]
+                  ) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+  """(reference name, shape, dtype) of every tensor `export_items` yields, in the same order."""
+  return [(name, t.source_shape, np.dtype(dtype_of_leaf(t.path))) for t in targets for name in t.sources]
+
+
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+  """Bytes of a size such as `5GB` (10⁹, as diffusers' max_shard_size), `500MiB` or `1000000`."""
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+  if not m:
+    raise ConversionError(f"size {text!r} is not a size: write e.g. 5GB, 500MB, 2GiB")
+  value = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "B").upper()])
+  if value <= 0:
+    raise ConversionError(f"size {text!r} must be positive")
+  return value
+
+
+_DTYPE_NAMES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def plan_shards(shapes: list[tuple[str, tuple[int, ...], np.dtype]], max_bytes: int
+                ) -> list[list[tuple[str, tuple[int, ...], np.dtype]]]:
+  """Groups tensors in order into shards of ≤ `max_bytes` (a bigger tensor gets a shard alone)."""
+  shards, size = [[]], 0
+  for entry in shapes:
+    nbytes = int(np.prod(entry[1], dtype=np.int64)) * entry[2].itemsize
+    if shards[-1] and size + nbytes > max_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(entry)
+    size += nbytes
+  return shards
+
+
+def _safetensors_header(entries: list[tuple[str, tuple[int, ...], np.dtype]]) -> bytes:
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for name, shape, dtype in entries:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+  return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(folder: pathlib.Path, stem: str, shapes, items: Iterator[Item],
+                      max_shard_bytes: int | None = None,
+                      on_item: Callable[[str, int], None] | None = None) -> list[pathlib.Path]:
+  """Streams `items` (in the order of `shapes`) into `stem.safetensors`, or, past
+  `max_shard_bytes`, into `stem-0000i-of-0000n.safetensors` shards with `stem.safetensors.index.json`
+  as diffusers / transformers write them. Headers come from `shapes`, so each tensor is written
+  as it arrives and none is kept. Returns the files written."""
+  shards = plan_shards(shapes, max_shard_bytes) if max_shard_bytes else [list(shapes)]
+  names = ([f"{stem}.safetensors"] if len(shards) == 1 else
+           [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  items = iter(items)
+  for shard, filename in zip(shards, names):
+    with open(folder / filename, "wb") as f:
+      f.write(_safetensors_header(shard))
+      for name, shape, dtype in shard:
+        got, tensor = next(items)
+        if got != name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+          raise ConversionError(f"export order broken: expected {name} {shape} {dtype}, got {got} "
+                                f"{tuple(tensor.shape)} {tensor.dtype}")
+        f.write(memoryview(tensor.reshape(-1).view(np.uint8)))
+        if on_item:
+          on_item(name, tensor.nbytes)
+  if len(shards) > 1:
+    total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, s, d in shapes)
+    weight_map = {name: filename for shard, filename in zip(shards, names) for name, _, _ in shard}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+  return [folder / n for n in names]
+
+
+def reference_config(cfg, a2jax_fields: Iterable[str], header: Mapping[str, Any]) -> dict[str, Any]:
+  """The reference's `config.json` of an a2jax component config: its fields carry the reference's
+  names; a2jax's own fields are dropped, `header` (class name, versions) is put first."""
+  from a2jax import configs
+  fields = configs.to_dict(cfg)
+  unknown = set(a2jax_fields) - set(fields)
+  if unknown:
+    raise ConversionError(f"{type(cfg).__name__} has no fields {sorted(unknown)}")
+  return {**header, **{k: v for k, v in fields.items() if k not in set(a2jax_fields)}}

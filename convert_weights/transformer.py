@@ -7,6 +7,8 @@ names a flax module cannot spell, and `ORIGINAL_WAN_RULES` renames the original 
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 
 from a2jax.configs import TransformerConfig
@@ -55,6 +57,32 @@ ORIGINAL_WAN_RULES = (
 )
 _original_to_diffusers = common.regex_renamer(ORIGINAL_WAN_RULES)
 
+
+def _inverse_rule(pattern: str, replacement: str) -> tuple[str, str]:
+  """(regex, replacement) of diffusers → original from one original → diffusers rule: the groups
+  `(…)` of the pattern become the `\\N` of the inverse replacement and the reverse."""
+  groups = re.findall(r"\(([^()]*)\)", pattern)
+  inverse_pattern = "".join(f"({groups[int(part[1:]) - 1]})" if re.fullmatch(r"\\\d+", part)
+                            else re.escape(part)
+                            for part in re.split(r"(\\\d+)", replacement) if part)
+  # Pattern literals are `\.`-escaped; each group is used once in the forward replacement.
+  order = [int(n) for n in re.findall(r"\\(\d+)", replacement)]
+  count = iter(range(1, len(groups) + 1))
+  inverse_replacement = re.sub(r"\([^()]*\)", lambda _: f"\\{order.index(next(count)) + 1}",
+                               pattern).replace("\\.", ".")
+  return inverse_pattern, inverse_replacement
+
+
+ORIGINAL_WAN_INVERSE = tuple(_inverse_rule(p, r) for p, r in ORIGINAL_WAN_RULES)
+_diffusers_to_original = common.regex_renamer(ORIGINAL_WAN_INVERSE)
+
+
+def original_name(diffusers_name: str) -> str:
+  """The original Wan2.1 name (also ComfyUI's) of a diffusers `WanTransformer3DModel` key, e.g.
+  `blocks.0.attn1.to_q.weight` → `blocks.0.self_attn.q.weight`; names both spell alike
+  (`patch_embedding.*`) are returned unchanged."""
+  return _diffusers_to_original(diffusers_name)
+
 # Present in some checkpoints and unused by the model (diffusers builds no image-query norm).
 IGNORED_KEYS = (r"blocks\.\d+\.attn2\.norm_added_q\.weight",)
 
@@ -67,14 +95,29 @@ def init_abstract(cfg: TransformerConfig):
   return nn.meta.unbox(model.init_abstract_boxed(cfg))
 
 
+def reference_targets(cfg: TransformerConfig) -> list[common.Target]:
+  """Targets of every a2jax leaf, sourced from diffusers names (conversion and export)."""
+  return common.structural_targets(init_abstract(cfg), stacked_prefixes={"blocks": "blocks.{i}"},
+                                   module_renames=MODULE_RENAMES)
+
+
+# a2jax's own config fields (not in diffusers' config.json) and the header diffusers writes.
+A2JAX_FIELDS = ("param_dtype", "dtype", "remat", "attention", "weights")
+CONFIG_HEADER = {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.42.1"}
+
+
+def reference_config(cfg: TransformerConfig) -> dict:
+  """diffusers' `config.json` of this config (what `WanTransformer3DModel.from_pretrained` reads)."""
+  return common.reference_config(cfg, A2JAX_FIELDS, CONFIG_HEADER)
+
+
 def plan(state_dict: common.LazyStateDict, cfg: TransformerConfig):
   """Targets for every a2jax leaf, after renaming original-Wan keys; strict key checks."""
   if any(k.startswith("model.diffusion_model.") for k in state_dict):
     state_dict = state_dict.renamed(lambda k: k.removeprefix("model.diffusion_model."))
   if is_original_wan(state_dict):
     state_dict = state_dict.renamed(_original_to_diffusers)
-  targets = common.structural_targets(init_abstract(cfg), stacked_prefixes={"blocks": "blocks.{i}"},
-                                      module_renames=MODULE_RENAMES)
+  targets = reference_targets(cfg)
   common.check_plan(targets, state_dict, ignored=IGNORED_KEYS, component=COMPONENT)
   return targets, state_dict
 

@@ -20,6 +20,7 @@ import flax.linen as nn
 from a2jax.configs import UMT5Config
 from a2jax.errors import ConversionError
 from a2jax.models import umt5 as model
+from convert_weights import common
 from convert_weights.common import (LazyStateDict, Target, check_plan, convert_in_memory,
                                     regex_renamer, sorted_renames, structural_targets)
 
@@ -56,6 +57,26 @@ def init_abstract(cfg: UMT5Config):
   return nn.meta.unbox(model.init_abstract_boxed(cfg))
 
 
+def reference_targets(cfg: UMT5Config) -> list[Target]:
+  """Targets of every a2jax leaf, sourced from transformers names (conversion and export). Export
+  writes `shared.weight` only, as `save_pretrained` does: transformers ties the encoder's
+  `embed_tokens` to it on load (`tie_word_embeddings: true`)."""
+  return structural_targets(init_abstract(cfg), stacked_prefixes={"encoder.block": "encoder.block.{i}"},
+                            module_renames=_MODULE_RENAMES)
+
+
+# a2jax's own config fields (not in transformers' config.json).
+A2JAX_FIELDS = ("param_dtype", "dtype", "max_length")
+
+
+def reference_config(cfg: UMT5Config) -> dict:
+  """transformers' `config.json` of this config (what `UMT5EncoderModel.from_pretrained` reads)."""
+  return common.reference_config(cfg, A2JAX_FIELDS, {
+      "architectures": ["UMT5EncoderModel"], "model_type": "umt5", "transformers_version": "5.23.0",
+      "tie_word_embeddings": True, "is_encoder_decoder": True, "decoder_start_token_id": 0,
+      "pad_token_id": 0, "eos_token_id": 1})
+
+
 def plan(state_dict: LazyStateDict, cfg: UMT5Config) -> tuple[list[Target], LazyStateDict]:
   """Targets of every a2jax leaf and the state dict under transformers names; raises
   ConversionError listing missing, unexpected and mis-shaped keys."""
@@ -69,9 +90,7 @@ def plan(state_dict: LazyStateDict, cfg: UMT5Config) -> tuple[list[Target], Lazy
       raise ConversionError(f"{_TIED} {state_dict.shape(_TIED)} must be the tied copy of {_SHARED} "
                             f"{state_dict.shape(_SHARED)}: the checkpoint is inconsistent")
     ignored = (_TIED.replace(".", r"\."),)
-  targets = structural_targets(init_abstract(cfg),
-                               stacked_prefixes={"encoder.block": "encoder.block.{i}"},
-                               module_renames=_MODULE_RENAMES)
+  targets = reference_targets(cfg)
   check_plan(targets, state_dict, ignored=ignored, component=COMPONENT)
   return targets, state_dict
 

@@ -73,8 +73,27 @@ def _diffusers_target(t: common.Target) -> common.Target:
   t = dataclasses.replace(t, sources=tuple(_INDEX.sub(r".\1", s) for s in t.sources))
   if t.path[-1] == "gamma":
     ones = (1, 1) if ".attentions." in t.sources[0] else (1, 1, 1)
-    t = dataclasses.replace(t, source_shape=t.source_shape + ones, layout=lambda a: a.reshape(-1))
+    shape = t.source_shape + ones
+    t = dataclasses.replace(t, source_shape=shape, layout=lambda a: a.reshape(-1),
+                            to_source=lambda a: a.reshape(shape))
   return t
+
+
+def reference_targets(cfg: VAEConfig) -> list[common.Target]:
+  """Targets of every a2jax leaf, sourced from diffusers names (conversion and export)."""
+  return [_diffusers_target(t)
+          for t in common.structural_targets(init_abstract(cfg), stacked_prefixes={})]
+
+
+# a2jax's own config fields (not in diffusers' config.json) and the header diffusers writes.
+A2JAX_FIELDS = ("param_dtype", "dtype", "tiling", "tile_sample_min_height", "tile_sample_min_width",
+                "tile_sample_stride_height", "tile_sample_stride_width", "attention")
+CONFIG_HEADER = {"_class_name": "AutoencoderKLWan", "_diffusers_version": "0.42.1"}
+
+
+def reference_config(cfg: VAEConfig) -> dict:
+  """diffusers' `config.json` of this config (what `AutoencoderKLWan.from_pretrained` reads)."""
+  return common.reference_config(cfg, A2JAX_FIELDS, CONFIG_HEADER)
 
 
 def plan(state_dict: common.LazyStateDict, cfg: VAEConfig):
@@ -83,8 +102,7 @@ def plan(state_dict: common.LazyStateDict, cfg: VAEConfig):
     blocks = common.regex_renamer(original_wan_rules(cfg))
     residual = common.regex_renamer(_ORIGINAL_RESIDUAL_RULES)
     state_dict = state_dict.renamed(lambda k: residual(blocks(k)))
-  targets = [_diffusers_target(t)
-             for t in common.structural_targets(init_abstract(cfg), stacked_prefixes={})]
+  targets = reference_targets(cfg)
   common.check_plan(targets, state_dict, component=COMPONENT)
   return targets, state_dict
 
