@@ -27,7 +27,12 @@ def partitioned(init, axes: Sequence[str | None]):
 
 class Dense(nn.Module):
   """Linear layer y = x W + b with logical axes (in_axis, out_axis) on W; matmul in `dtype` with
-  float32 accumulation on the MXU/tensor cores, result in `dtype`."""
+  float32 accumulation on the MXU/tensor cores, result in `dtype`.
+
+  When the params hold a `kernel_scale` (out,) next to the kernel, the kernel is stored quantized
+  (int8 or fp8, a2jax/models/quant.py) and y = (x @ q) · scale: the same as x @ (q · scale) per
+  output channel, with the scale applied to the float32 product instead of the whole kernel.
+  """
 
   features: int
   axes: tuple[str | None, str | None]
@@ -41,6 +46,8 @@ class Dense(nn.Module):
                         (x.shape[-1], self.features), self.param_dtype)
     y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
                    preferred_element_type=jnp.float32)
+    if self.has_variable("params", "kernel_scale"):
+      y = y * self.get_variable("params", "kernel_scale").astype(jnp.float32)
     if self.use_bias:
       bias = self.param("bias", partitioned(nn.initializers.zeros, (self.axes[1],)),
                         (self.features,), self.param_dtype)
