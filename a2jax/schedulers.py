@@ -1,4 +1,5 @@
-"""Flow-matching samplers as pure state transitions: UniPC multistep and Euler.
+"""Flow-matching samplers as pure state transitions: UniPC multistep, Euler and the few-step
+distilled sampler.
 
 A scheduler is a frozen, hashable description (steps, shift, solver options). Its tables (sigmas,
 the transformer's timesteps, every per-step UniPC coefficient) are fixed once the number of steps is
@@ -290,8 +291,9 @@ class UniPC:
                     for i, on in enumerate(use_corrector)])
     return pred, corr, use_corrector
 
-  def init(self, sample: jax.Array) -> UniPCState:
-    """The state before step 0, for samples shaped like `sample` (*X)."""
+  def init(self, sample: jax.Array, keys: jax.Array | None = None) -> UniPCState:
+    """The state before step 0, for samples shaped like `sample` (*X); `keys` unused."""
+    del keys  # deterministic
     zeros = jnp.zeros(sample.shape, jnp.float32)
     return UniPCState(jnp.zeros((), jnp.int32),
                       jnp.zeros((self.solver_order,) + sample.shape, jnp.float32), zeros)
@@ -325,8 +327,22 @@ class EulerState(NamedTuple):
   step_index: jax.Array
 
 
+class _FloatSchedule:
+  """`sigmas` and `timesteps` of a flow sampler whose `_schedule` is (σ, 1000·σ)."""
+
+  @property
+  def sigmas(self) -> np.ndarray:
+    """(S + 1,) float32: σ of each step, then the final σ = 0."""
+    return self._schedule[0]
+
+  @property
+  def timesteps(self) -> np.ndarray:
+    """(S,) float32: what the transformer receives at each step, 1000·σ."""
+    return self._schedule[1]
+
+
 @dataclasses.dataclass(frozen=True)
-class Euler:
+class Euler(_FloatSchedule):
   """Flow-match Euler x' = x + (σ_{i+1} − σ_i)·v = diffusers `FlowMatchEulerDiscreteScheduler(shift)`.
 
   Its schedule is not UniPC's: σ = linspace(1, σ_min, S) (S points, both ends kept) where σ_min is
@@ -366,18 +382,8 @@ class Euler:
     sigmas = shift_sigmas(sigmas, self.shift).astype(F32)
     return np.concatenate([sigmas, [F32(0)]]), sigmas * F32(n)
 
-  @property
-  def sigmas(self) -> np.ndarray:
-    """(S + 1,) float32: σ of each step, then the final σ = 0."""
-    return self._schedule[0]
-
-  @property
-  def timesteps(self) -> np.ndarray:
-    """(S,) float32: what the transformer receives at each step, 1000·σ."""
-    return self._schedule[1]
-
-  def init(self, sample: jax.Array) -> EulerState:
-    del sample  # Euler keeps no history
+  def init(self, sample: jax.Array, keys: jax.Array | None = None) -> EulerState:
+    del sample, keys  # Euler keeps no history and draws no noise
     return EulerState(jnp.zeros((), jnp.int32))
 
   def step(self, state: EulerState, model_output: jax.Array,
@@ -389,12 +395,99 @@ class Euler:
     return prev.astype(sample.dtype), EulerState(i + 1)
 
 
-SCHEDULERS = {"unipc": UniPC, "euler": Euler}
+# ---------------------------------------------------------------------------------------------
+# Step-distilled sampling (lightx2v's 4-step recipe).
+
+
+class DistillState(NamedTuple):
+  """step_index int32 (); keys (B, 2) uint32: one PRNG key per batch row (raw key data), split at
+  every step for that step's fresh noise."""
+
+  step_index: jax.Array
+  keys: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Distill(_FloatSchedule):
+  """Few-step sampling of a step-distilled model: x0 = x − σ·v, then x' = (1 − σ')·x0 + σ'·ε with
+  fresh noise ε; the last step returns x0. = diffusers `FlowMatchEulerDiscreteScheduler(shift,
+  stochastic_sampling=True)` given these sigmas and timesteps (and the same ε).
+
+  The schedule is lightx2v's: σ = linspace(1, 0, 1001)[:−1] shifted by `shift`, taken at the
+  training steps `distill_timesteps` (index 1000 − t); the transformer receives 1000·σ.
+  """
+
+  distill_timesteps: tuple[int, ...] = (1000, 750, 500, 250)
+  shift: float = 5.0
+  num_train_timesteps: int = 1000
+
+  def __post_init__(self):
+    name = type(self).__name__
+    _check_positive(name, shift=self.shift, num_train_timesteps=self.num_train_timesteps)
+    ts = tuple(int(t) for t in self.distill_timesteps)
+    if not ts or any(not 0 < t <= self.num_train_timesteps for t in ts) or any(
+        a <= b for a, b in zip(ts, ts[1:])):
+      raise ConfigError(f"{name}.distill_timesteps = {list(self.distill_timesteps)} must be "
+                        f"decreasing training steps in (0, {self.num_train_timesteps}], "
+                        "e.g. [1000, 750, 500, 250]")
+    object.__setattr__(self, "distill_timesteps", ts)
+
+  @property
+  def num_steps(self) -> int:
+    return len(self.distill_timesteps)
+
+  @functools.cached_property
+  def _schedule(self) -> tuple[np.ndarray, np.ndarray]:
+    sigmas = shift_sigmas(self.unshifted_sigmas, F32(self.shift)).astype(F32)
+    return np.concatenate([sigmas, [F32(0)]]), sigmas * F32(self.num_train_timesteps)
+
+  @property
+  def unshifted_sigmas(self) -> np.ndarray:
+    """(S,) float32: the schedule's σ before the shift (what diffusers' set_timesteps takes)."""
+    n = self.num_train_timesteps
+    return np.linspace(1, 0, n + 1)[:-1].astype(F32)[[n - t for t in self.distill_timesteps]]
+
+  def init(self, sample: jax.Array, keys: jax.Array | None = None) -> DistillState:
+    """keys (B, 2) uint32 (jax.random.key_data of one key per batch row of `sample`)."""
+    if keys is None:
+      raise ConfigError("the distill sampler draws fresh noise at every step: give it PRNG keys")
+    return DistillState(jnp.zeros((), jnp.int32), keys)
+
+  def step_with_noise(self, state: DistillState, model_output: jax.Array, sample: jax.Array,
+                      noise: jax.Array) -> tuple[jax.Array, DistillState]:
+    """The update with a given ε (*X); the last step returns x0. Math in float32."""
+    sigmas, i = jnp.asarray(self.sigmas), state.step_index
+    x0 = sample.astype(jnp.float32) - sigmas[i] * model_output.astype(jnp.float32)
+    prev = (1.0 - sigmas[i + 1]) * x0 + sigmas[i + 1] * noise.astype(jnp.float32)
+    prev = jnp.where(i + 1 == self.num_steps, x0, prev)
+    return prev.astype(sample.dtype), state._replace(step_index=i + 1)
+
+  def step(self, state: DistillState, model_output: jax.Array,
+           sample: jax.Array) -> tuple[jax.Array, DistillState]:
+    """One step with fresh noise from each row's key; returns (*X in sample's dtype, next state)."""
+    keys, noise = jax.vmap(lambda k, x: _next_noise(k, x.shape))(state.keys, sample)
+    return self.step_with_noise(state._replace(keys=keys), model_output, sample, noise)
+
+
+def _next_noise(key_data: jax.Array, shape) -> tuple[jax.Array, jax.Array]:
+  """(the row's next key data, standard normal float32 noise of `shape`) from key data (2,)."""
+  key, sub = jax.random.split(jax.random.wrap_key_data(key_data))
+  return jax.random.key_data(key), jax.random.normal(sub, shape, jnp.float32)
+
+
+SCHEDULERS = {"unipc": UniPC, "euler": Euler, "distill": Distill}
+
+
+def for_sampling(sampling) -> UniPC | Euler | Distill:
+  """The scheduler of a `SamplingConfig` (steps and shift, or the distill schedule)."""
+  if sampling.sampler == "distill":
+    return Distill(tuple(sampling.distill_timesteps), sampling.distill_shift)
+  return SCHEDULERS[sampling.sampler](num_steps=sampling.steps, shift=sampling.shift)
 
 
 def from_config(raw: dict[str, Any], num_steps: int, **overrides) -> UniPC | Euler:
   """The a2jax scheduler of a diffusers `scheduler_config.json` dict, picked by its `_class_name`."""
-  by_class = {cls.DIFFUSERS.class_name: cls for cls in SCHEDULERS.values()}
+  by_class = {cls.DIFFUSERS.class_name: cls for cls in (UniPC, Euler)}
   name = raw.get("_class_name")
   if name not in by_class:
     raise ConfigError(f"scheduler config _class_name = {name!r} is not one of {sorted(by_class)}: "

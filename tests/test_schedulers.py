@@ -219,3 +219,76 @@ def test_bh1_to_zero_sigma_is_rejected_because_it_ends_in_nan():
 def test_invalid_fields(bad):
   with pytest.raises(ConfigError):
     schedulers.UniPC(**{"num_steps": 10, **bad})
+
+
+# -- step-distilled sampling (lightx2v's 4-step recipe) vs FlowMatchEuler(stochastic_sampling) ----
+
+DISTILL_SCHEDULES = [((1000, 750, 500, 250), 5.0), ((1000, 500), 3.0), ((999, 800, 640, 300, 40), 8.0)]
+
+
+@pytest.mark.parametrize("timesteps,shift", DISTILL_SCHEDULES)
+def test_distill_matches_diffusers_stochastic_euler_every_step(timesteps, shift, monkeypatch):
+  """diffusers given the unshifted sigmas (it shifts them itself) and the same ε at every step."""
+  import diffusers.schedulers.scheduling_flow_match_euler_discrete as fm
+  sched = schedulers.Distill(timesteps, shift)
+  ref = FlowMatchEulerDiscreteScheduler(shift=shift, stochastic_sampling=True)
+  ref.set_timesteps(sigmas=list(sched.unshifted_sigmas))
+  np.testing.assert_allclose(ref.sigmas.numpy(), sched.sigmas, rtol=1e-6, atol=0)
+  np.testing.assert_allclose(ref.timesteps.numpy(), sched.timesteps, rtol=1e-6, atol=0)
+  # lightx2v's table: σ of training step t = shift(t/1000).
+  expected = schedulers.shift_sigmas(np.array(timesteps) / 1000, shift)
+  np.testing.assert_allclose(sched.sigmas[:-1], expected, rtol=1e-6)
+
+  eps = np.random.default_rng(2).normal(size=(len(timesteps), *SHAPE)).astype(np.float32)
+  step_eps = iter(eps)
+  monkeypatch.setattr(fm, "randn_tensor", lambda *a, **k: torch.from_numpy(next(step_eps)))
+  x, ref_traj = torch.from_numpy(NOISE.copy()), []
+  for t in ref.timesteps:
+    v = torch.from_numpy(np.array(MODEL(jnp.asarray(x.numpy()), float(t))))
+    x = ref.step(v, t, x, return_dict=False)[0]
+    ref_traj.append(x.numpy().copy())
+
+  x = jnp.asarray(NOISE)
+  state, got = sched.init(x, jnp.zeros((SHAPE[0], 2), jnp.uint32)), []
+  for t, e in zip(sched.timesteps, eps):
+    x, state = sched.step_with_noise(state, MODEL(x, float(t)), x, jnp.asarray(e))
+    got.append(np.asarray(x))
+  _assert_steps_match(np.stack(got), np.stack(ref_traj))
+  # The last step returns x0 (σ' = 0), no noise.
+  last_x0 = ref_traj[-2] if len(ref_traj) > 1 else NOISE
+  v_last = np.asarray(MODEL(jnp.asarray(last_x0), float(sched.timesteps[-1])))
+  assert max_rel_err(got[-1], last_x0 - sched.sigmas[-2] * v_last) <= TOL
+
+
+def test_distill_scan_draws_fresh_noise_per_row_from_the_keys():
+  """In one jitted scan with the keys in the carry: reproducible per key, rows independent, and
+  equal to the eager loop."""
+  sched = schedulers.Distill()
+  keys = jax.random.key_data(jax.random.split(jax.random.key(0), SHAPE[0]))
+
+  def run(keys):
+    def body(carry, t):
+      x, state = carry
+      x, state = sched.step(state, MODEL(x, t), x)
+      return (x, state), x
+    x = jnp.asarray(NOISE)
+    return jax.lax.scan(body, (x, sched.init(x, keys)), jnp.asarray(sched.timesteps))[1]
+
+  scan = np.asarray(jax.jit(run)(keys))
+  np.testing.assert_array_equal(scan, np.asarray(jax.jit(run)(keys)))
+  other = np.asarray(jax.jit(run)(keys.at[1].set(keys[0] + 1)))
+  np.testing.assert_array_equal(other[:-1, 0], scan[:-1, 0])  # row 0 keeps its key
+  assert not np.allclose(other[:-1, 1], scan[:-1, 1])
+  x, state, eager = jnp.asarray(NOISE), sched.init(jnp.asarray(NOISE), keys), []
+  for t in sched.timesteps:
+    x, state = sched.step(state, MODEL(x, float(t)), x)
+    eager.append(np.asarray(x))
+  assert max(max_rel_err(s, e) for s, e in zip(scan, eager)) <= 1e-6
+
+
+@pytest.mark.parametrize("bad", [dict(distill_timesteps=()), dict(distill_timesteps=(500, 750)),
+                                 dict(distill_timesteps=(1001, 500)), dict(distill_timesteps=(0,)),
+                                 dict(shift=0.0)])
+def test_distill_invalid_fields(bad):
+  with pytest.raises(ConfigError):
+    schedulers.Distill(**bad)

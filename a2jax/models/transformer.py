@@ -230,53 +230,89 @@ class PatchEmbedding(nn.Module):
     return tokens.astype(dtype)
 
 
+def block_stack(cfg: TransformerConfig, num_layers: int):
+  """The scanned, optionally rematerialised Block over `num_layers` stacked layers: a module class
+  taking (cfg) and called as (tokens, (text, image, time_mod, rope)) → (tokens, None)."""
+  block = Block
+  if cfg.remat != "none":
+    block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=nn.broadcast, length=num_layers,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def apply_layers(cfg: TransformerConfig, block_params, tokens, block_inputs):
+  """Runs the layers whose stacked params are `block_params` (a slice along "layers" of
+  params["blocks"], e.g. block 0 alone or blocks 1..L−1): tokens (B, S, D) → (B, S, D)."""
+  layers = jax.tree.leaves(block_params)[0].shape[0]
+  stack = block_stack(cfg, layers)(cfg)
+  return stack.apply({"params": block_params}, tokens, block_inputs)[0]
+
+
 class A2Transformer(nn.Module):
-  """The A2 DiT. __call__(x, t, text, image) → velocity.
+  """The A2 DiT. __call__(x, t, text, image) → velocity = head(run_blocks(embed(...))).
 
   x (B, f, h, w, in_channels) latents ‖ mask ‖ condition (36 channels for A2);
   t (B,) timesteps in [0, 1000] (the release feeds integers; their float value is used);
   text (B, T, text_dim) encoder states (T = 512 for the release, zero-padded past the prompt);
   image (B, I, image_dim) CLIP tokens of all references (I = 257·N), or None for text-only models.
   Returns (B, f, h, w, out_channels) in the compute dtype.
+
+  The three stages are methods for `apply(..., method=...)` (step caching reuses the blocks'
+  residual while embed and head run every step).
   """
 
   cfg: TransformerConfig
 
-  @nn.compact
-  def __call__(self, x, t, text, image=None):
+  def setup(self):
     cfg = self.cfg
-    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    pdtype = dtype_of(cfg.param_dtype)
+    pt, ph, pw = cfg.patch_size
+    d = cfg.inner_dim
+    self.patch_embedding = PatchEmbedding(cfg)
+    self.condition_embedder = ConditionEmbedder(cfg)
+    self.blocks = block_stack(cfg, cfg.num_layers)(cfg)
+    self.scale_shift_table = self.param(
+        "scale_shift_table",
+        partitioned(lambda key, shape, dt: jax.random.normal(key, shape, dt) / d**0.5,
+                    (None, None, "embed")), (1, 2, d), pdtype)
+    self.proj_out = Dense(cfg.out_channels * pt * ph * pw, axes=("embed", None),
+                          dtype=dtype_of(cfg.dtype), param_dtype=pdtype)
+    self.norm_out = LayerNorm(eps=cfg.eps, use_affine=False, dtype=jnp.float32)  # no params
+
+  def __call__(self, x, t, text, image=None):
+    tokens, temb, block_inputs = self.embed(x, t, text, image)
+    return self.head(self.run_blocks(tokens, block_inputs), temb, x.shape)
+
+  def embed(self, x, t, text, image=None):
+    """→ tokens (B, S, D), temb (B, D) float32, block_inputs (text (B, T, D), image (B, I, D) |
+    None, time_mod (B, 6, D) float32, rope (cos, sin) each (S, head_dim/2))."""
     self._check_inputs(x, t, text, image)
-    b, f, hh, ww, _ = x.shape
+    pt, ph, pw = self.cfg.patch_size
+    grid = (x.shape[1] // pt, x.shape[2] // ph, x.shape[3] // pw)
+    tokens = self.patch_embedding(x)
+    tokens = sharding.constrain(tokens, ("batch", "tokens", "act_embed"))
+    temb, time_mod, text, image = self.condition_embedder(t, text, image)
+    text = sharding.constrain(text, ("batch", "context_tokens", "act_embed"))
+    cos, sin = rope_table(self.cfg, grid)
+    return tokens, temb, (text, image, time_mod, (jnp.asarray(cos), jnp.asarray(sin)))
+
+  def run_blocks(self, tokens, block_inputs):
+    """All layers: tokens (B, S, D) → (B, S, D)."""
+    return self.blocks(tokens, block_inputs)[0]
+
+  def head(self, tokens, temb, x_shape):
+    """Output norm, modulation and projection: tokens (B, S, D), temb (B, D) → velocity
+    (B, f, h, w, out_channels) for inputs of shape `x_shape` (B, f, h, w, ·)."""
+    cfg = self.cfg
+    b, f, hh, ww = x_shape[:4]
     pt, ph, pw = cfg.patch_size
     grid = (f // pt, hh // ph, ww // pw)
-    d = cfg.inner_dim
-
-    tokens = PatchEmbedding(cfg, name="patch_embedding")(x)
-    tokens = sharding.constrain(tokens, ("batch", "tokens", "act_embed"))
-
-    temb, time_mod, text, image = ConditionEmbedder(cfg, name="condition_embedder")(t, text, image)
-    text = sharding.constrain(text, ("batch", "context_tokens", "act_embed"))
-    cos, sin = rope_table(cfg, grid)
-    rope = (jnp.asarray(cos), jnp.asarray(sin))
-
-    block = Block
-    if cfg.remat != "none":
-      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=nn.broadcast, length=cfg.num_layers,
-                     metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")
-    tokens, _ = blocks(tokens, (text, image, time_mod, rope))
-
-    table = self.param("scale_shift_table",
-                       partitioned(lambda key, shape, dt: jax.random.normal(key, shape, dt) / d**0.5,
-                                   (None, None, "embed")), (1, 2, d), pdtype)
-    shift, scale = jnp.split(table.astype(jnp.float32) + temb[:, None, :], 2, axis=1)
-    h = LayerNorm(eps=cfg.eps, use_affine=False, dtype=jnp.float32)(tokens)
-    h = (h * (1 + scale) + shift).astype(dtype)
-    out = Dense(cfg.out_channels * pt * ph * pw, axes=("embed", None), dtype=dtype,
-                param_dtype=pdtype, name="proj_out")(h)
-    out = out.reshape(b, *grid, pt, ph, pw, cfg.out_channels)
+    shift, scale = jnp.split(self.scale_shift_table.astype(jnp.float32) + temb[:, None, :], 2,
+                             axis=1)
+    h = self.norm_out(tokens)
+    h = (h * (1 + scale) + shift).astype(dtype_of(cfg.dtype))
+    out = self.proj_out(h).reshape(b, *grid, pt, ph, pw, cfg.out_channels)
     out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, hh, ww, cfg.out_channels)
     return sharding.constrain(out, ("batch", "frames", "height", "width", "channels"))
 
