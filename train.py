@@ -11,6 +11,12 @@ The script reads top to bottom: config, distributed, mesh, data, model/optimizer
 restore, step, loop. Resume order (restore): the latest complete checkpoint of the run (state and
 data position) if there is one; otherwise the transformer of `train.init_from` (a converted a2jax
 folder) with a fresh optimizer; otherwise random parameters from `train.seed`.
+
+A LoRA run (`train.lora` set) trains adapters on a frozen base. Its checkpoints hold the adapters
+(and their optimizer state and EMA), not the base: on resume the adapters come from the checkpoint
+and the base is read again from `train.init_from`, or drawn again from `train.seed` without one;
+the run refuses to resume on a base other than the checkpoint's (init_from, seed or transformer
+section changed).
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from a2jax import checkpoints, configs, sharding
+from a2jax import checkpoints, configs, distributed, sharding
 from a2jax.errors import TrainingError, run_main
 from a2jax.train import batches, metrics, optimizer
 from a2jax.train.checkpointing import Checkpoints
+from a2jax.models.transformer import init_params
 from a2jax.train.state import abstract_state, init_state
 from a2jax.train.step import batch_shardings, jit_train_step
 
@@ -46,14 +53,6 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
   return argv[0], overrides
 
 
-def multi_process_environment() -> bool:
-  """Whether the launcher says this is one of several processes (TPU pod, SLURM, MPI, explicit)."""
-  env = os.environ
-  counts = (env.get(k, "1") for k in ("JAX_PROCESS_COUNT", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-  return (any(c.isdigit() and int(c) > 1 for c in counts) or "JAX_COORDINATOR_ADDRESS" in env
-          or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-
-
 def check_finite(step: int, values: dict[str, float], ckpt: Checkpoints, ckpt_dir: str) -> None:
   if np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"]):
     return
@@ -62,6 +61,22 @@ def check_finite(step: int, values: dict[str, float], ckpt: Checkpoints, ckpt_di
       f"step {step}: loss = {values['loss']}, grad norm = {values['grad_norm']} (not finite); the "
       f"last good checkpoint is step {ckpt.latest_step()} in {ckpt_dir}: lower train.learning_rate "
       "or check the data, then resume")
+
+
+def check_same_base(saved: dict, cfg: configs.Config, ckpt_dir: str, step: int) -> None:
+  """A LoRA checkpoint holds no base: resuming needs the base it was trained on."""
+  now = configs.to_dict(cfg)
+  base_of = lambda c: (c["train"]["init_from"], c["transformer"],
+                       None if c["train"]["init_from"] else c["train"]["seed"])
+  if base_of(saved) != base_of(now):
+    raise TrainingError(
+        f"step {step} of {ckpt_dir} was trained on the base train.init_from = "
+        f"{saved['train']['init_from']!r} (seed {saved['train']['seed']}, its transformer section): "
+        "resume with that base, or start a new run_name")
+
+
+def lora_count(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
   ckpt_dir = os.path.join(run_dir, "checkpoints")
 
   # --- distributed: before anything touches a device -----------------------------------------
-  if tc.distributed or (tc.distributed is None and multi_process_environment()):
+  if tc.distributed or (tc.distributed is None and distributed.multi_process_environment()):
     jax.distributed.initialize()
   primary = jax.process_index() == 0
   if primary:
@@ -90,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
   # --- model, optimizer, shardings -------------------------------------------------------------
   tx = optimizer.make_optimizer(tc)
   ema = tc.ema_decay is not None
-  abstract, shardings = abstract_state(cfg.transformer, tx, mesh, ema)
-  sharding.check_replication(abstract.params, shardings.params, mesh)
+  abstract, shardings = abstract_state(cfg.transformer, tx, mesh, ema, tc.lora)
+  for tree, tree_shardings in ((abstract.params, shardings.params), (abstract.frozen, shardings.frozen)):
+    sharding.check_replication(tree, tree_shardings, mesh)
   init_key, step_key = jax.random.split(jax.random.key(tc.seed))
   step_key = jax.device_put(step_key, replicated)
 
@@ -101,20 +117,30 @@ def main(argv: list[str] | None = None) -> int:
                        async_save=tc.async_checkpoints)
     writer = metrics.MetricsWriter(run_dir)
     start = ckpt.latest_step()
+    # the transformer of train.init_from, or None (random from init_key); a LoRA run's frozen base
+    base_abstract, base_shardings = (abstract.frozen, shardings.frozen) if tc.lora else (
+        abstract.params, shardings.params)
+    read_base = lambda: checkpoints.load_params(checkpoints.component_path(
+        tc.init_from, "transformer"), base_abstract, base_shardings) if tc.init_from else None
     if start is not None:
       state, saved = ckpt.restore(start, abstract, shardings, data_iterator)
+      if tc.lora:
+        check_same_base(saved, cfg, ckpt_dir, start)
+        base = read_base()
+        state = state.replace(frozen=base if base is not None else
+                              init_params(cfg.transformer, init_key, mesh))
       changed = sorted(k for k in saved if saved[k] != configs.to_dict(cfg)[k])
       writer.truncate_after(start)
       print(f"resumed from step {start} of {ckpt_dir}"
             + (f" (config sections changed since: {changed})" if changed else ""), flush=True)
     else:
       start = 0
-      params = None
-      if tc.init_from:
-        params = checkpoints.load_params(checkpoints.component_path(tc.init_from, "transformer"),
-                                         abstract.params, shardings.params)
-      state = init_state(cfg.transformer, tx, mesh, ema, key=init_key, params=params)
-      print(f"starting from {tc.init_from or 'random parameters'}", flush=True)
+      state = init_state(cfg.transformer, tx, mesh, ema, key=init_key, params=read_base(),
+                         lora=tc.lora)
+      print(f"starting from {tc.init_from or 'random parameters'}"
+            + (f" with LoRA adapters (rank {tc.lora.rank}, alpha {tc.lora.alpha:g}, "
+               f"{len(tc.lora.targets)} targets, {lora_count(state.params):,} parameters)"
+               if tc.lora else ""), flush=True)
 
     # --- step: compiled once for the batch shapes ----------------------------------------------
     local = next(data_iterator)

@@ -34,25 +34,31 @@ def setup():
 
 
 def compiled_step(cfg, tx, batch, mesh):
-  """(jitted step, host copy of the initial state) on `mesh`."""
-  ema = cfg.train.ema_decay is not None
-  _, shardings = abstract_state(cfg.transformer, tx, mesh, ema)
+  """(jitted step, shardings, batch shardings, host copy of the initial state) on `mesh` (the
+  LoRA step when the config has train.lora)."""
+  ema, lora = cfg.train.ema_decay is not None, cfg.train.lora
+  _, shardings = abstract_state(cfg.transformer, tx, mesh, ema, lora)
   with jax.set_mesh(mesh):
-    state = init_state(cfg.transformer, tx, mesh, ema, key=jax.random.key(0))
+    state = init_state(cfg.transformer, tx, mesh, ema, key=jax.random.key(0), lora=lora)
   b_shardings = batch_shardings(batch, mesh)
   step = jit_train_step(cfg, tx, mesh, shardings, b_shardings)
   return step, shardings, b_shardings, jax.device_get(state)
 
 
-@pytest.fixture(scope="module")
-def single(setup):
-  cfg, tx, batch = setup
+def first_step_on_one_device(cfg, tx, batch):
+  """(mesh, step, shardings, batch shardings, initial state, (state, metrics) after one step) on
+  one device."""
   mesh = sharding.make_mesh(configs.MeshConfig(fsdp=1), jax.devices()[:1])
   step, shardings, b_shardings, state0 = compiled_step(cfg, tx, batch, mesh)
   with jax.set_mesh(mesh):
     state, metrics = step(sharding.put(state0, shardings), sharding.put(batch, b_shardings),
                           jax.random.key(1))
   return mesh, step, shardings, b_shardings, state0, jax.device_get((state, metrics))
+
+
+@pytest.fixture(scope="module")
+def single(setup):
+  return first_step_on_one_device(*setup)
 
 
 def test_overfits_four_triplets(setup, single):

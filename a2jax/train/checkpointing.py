@@ -2,7 +2,8 @@
 
 Each step folder holds three named items:
   state   the TrainState: step, float32 master params, optimizer state, EMA params (sharded arrays;
-          every host writes and reads only its shards)
+          every host writes and reads only its shards); for a LoRA run the adapters in their place,
+          the frozen base left out (train.py reads it again from train.init_from or the seed)
   data    the data iterator's state, one small JSON file per host (grain's checkpoint handler)
   config  the run's whole config as JSON, for the record
 Saves are asynchronous (the device→host copy blocks the step, the writing does not) and atomic: a
@@ -48,14 +49,15 @@ class Checkpoints:
   def save(self, step: int, state: TrainState, data_iterator: Any, cfg: configs.Config) -> None:
     """Starts saving (returns once the arrays are copied off the devices)."""
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+        state=ocp.args.StandardSave(state.replace(frozen=None)), data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(configs.to_dict(cfg))), force=True)
 
   def restore(self, step: int, abstract: TrainState, shardings: TrainState,
               data_iterator: Any) -> tuple[TrainState, dict[str, Any]]:
-    """(state on `shardings`, saved config dict); `data_iterator` is moved to the saved position."""
+    """(state on `shardings`, saved config dict); `data_iterator` is moved to the saved position.
+    A LoRA state comes back with frozen = None (the base is not in the checkpoint)."""
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+                          abstract.replace(frozen=None), shardings.replace(frozen=None))
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target),
         data=grain.checkpoint.CheckpointRestore(data_iterator), config=ocp.args.JsonRestore()))
@@ -72,16 +74,43 @@ class Checkpoints:
 def trained_params(directory: str | os.PathLike, step: int | None = None) -> Any:
   """The transformer parameters a run's checkpoint gives for sampling: its EMA when the run keeps
   one, else its parameters, of checkpoint `step` (default: the newest), as host arrays; save them
-  with `a2jax.checkpoints.save_params` as a converted folder's `transformer/`."""
+  with `a2jax.checkpoints.save_params` as a converted folder's `transformer/`. For a LoRA run use
+  `trained_lora`."""
+  state, saved = _read_checkpoint(directory, step)
+  if (saved.get("train") or {}).get("lora") is not None:
+    raise CheckpointError(f"{directory} is a LoRA run: read its adapters with trained_lora(…) or "
+                          "python -m convert_weights export-lora")
+  return state["ema_params"] if state.get("ema_params") is not None else state["params"]
+
+
+def trained_lora(directory: str | os.PathLike, step: int | None = None, ema: bool = True
+                 ) -> tuple[Any, configs.LoRAConfig]:
+  """(LoRA tree {"blocks": {module: {projection: {"lora_a" (L, in, r), "lora_b" (L, r, out)}}}} as
+  float32 host arrays, its LoRAConfig: rank, alpha, targets) of a LoRA run's checkpoint `step`
+  (default: the newest): the EMA adapters when `ema` and the run keeps them, else the trained ones."""
+  state, saved = _read_checkpoint(directory, step)
+  lora = (saved.get("train") or {}).get("lora")
+  if lora is None:
+    raise CheckpointError(f"{directory} is a full fine-tune (train.lora is null): read its "
+                          "parameters with trained_params(…)")
+  use_ema = ema and state.get("ema_params") is not None
+  adapters = jax.device_get(state["ema_params" if use_ema else "params"])
+  return adapters, configs.build(configs.LoRAConfig, lora, "train.lora")
+
+
+def _read_checkpoint(directory: str | os.PathLike, step: int | None) -> tuple[Any, dict[str, Any]]:
+  """(state as host arrays, saved config dict) of checkpoint `step` (None: the newest)."""
   missing = lambda step: CheckpointError(
       f"{directory} holds no complete checkpoint{'' if step is None else f' of step {step}'}: "
       "point at a run's {output_dir}/{run_name}/checkpoints after train.py has saved one")
   if not os.path.isdir(directory):
     raise missing(step)
   options = ocp.CheckpointManagerOptions(create=False, read_only=True)
-  with ocp.CheckpointManager(os.fspath(directory), options=options, item_names=("state",)) as manager:
+  with ocp.CheckpointManager(os.fspath(directory), options=options,
+                             item_names=("state", "config")) as manager:
     step = max(manager.all_steps(), default=None) if step is None else step
     if step not in manager.all_steps():
       raise missing(step)
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  return state["ema_params"] if state.get("ema_params") is not None else state["params"]
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+  return restored["state"], restored["config"]

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from a2jax import sharding
 from a2jax.configs import Config
 from a2jax.models.transformer import A2Transformer
+from a2jax.train import lora as train_lora
 from a2jax.train.loss import flow_matching_loss
 from a2jax.train.optimizer import learning_rate_schedule
 from a2jax.train.state import TrainState
@@ -56,18 +57,26 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation
                     ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
   """The pure step: rng = fold_in(rng, state.step), per-micro-batch fold_in(rng, m); loss, gradient
   (float32, averaged over micro-batches), clipped AdamW update, EMA. Metrics (float32 scalars): loss,
-  grad_norm (before clipping), lr (of this update)."""
+  grad_norm (before clipping), lr (of this update). With train.lora the gradient is that of the
+  adapters (state.params) through the frozen base (state.frozen, passed through unchanged)."""
   train = cfg.train
   model = A2Transformer(cfg.transformer)
   schedule = learning_rate_schedule(train)
   accum = train.grad_accum_steps
 
-  def loss_fn(params, batch, key):
+  lora = train.lora
+
+  def apply(params, frozen, x, t, text, image):
+    if lora is None:
+      return model.apply({"params": params}, x, t, text, image)
+    return train_lora.forward(cfg.transformer, frozen, params, lora.scale, x, t, text, image)
+
+  def loss_fn(params, frozen, batch, key):
     condition = batch["condition"].astype(jnp.float32)
 
     def predict(x_t, t):
       x = jnp.concatenate([x_t, condition], axis=-1)
-      return model.apply({"params": params}, x, t, batch["text"], batch["image"])
+      return apply(params, frozen, x, t, batch["text"], batch["image"])
 
     loss, _ = flow_matching_loss(
         predict, batch["latents"], key, shift=cfg.sampling.shift, sampling=train.timestep_sampling,
@@ -79,11 +88,12 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation
   def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
     rng = jax.random.fold_in(rng, state.step)
     if accum == 1:
-      loss, grads = grad_fn(state.params, batch, jax.random.fold_in(rng, 0))
+      loss, grads = grad_fn(state.params, state.frozen, batch, jax.random.fold_in(rng, 0))
     else:
       def body(carry, xs):
         index, micro = xs
-        loss, grads = grad_fn(state.params, micro, jax.random.fold_in(rng, index))
+        loss, grads = grad_fn(state.params, state.frozen, micro,
+                              jax.random.fold_in(rng, index))
         return jax.tree.map(jnp.add, carry, (loss, grads)), None
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
       (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), _micro_batches(batch, accum)))
@@ -97,7 +107,7 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation
       ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
     metrics = {"loss": loss, "grad_norm": grad_norm,
                "lr": jnp.asarray(schedule(state.step), jnp.float32)}
-    return TrainState(state.step + 1, params, opt_state, ema), metrics
+    return TrainState(state.step + 1, params, opt_state, ema, state.frozen), metrics
 
   return train_step
 
