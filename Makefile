@@ -15,12 +15,12 @@ PYTEST_ARGS ?=
 
 DEMO := out/demo
 
-.PHONY: test test-fast demo clean-venv
+.PHONY: test test-fast demo app clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,tpu,cuda,convert]'
+	$(PY) -m pip install -q -e '.[test,tpu,cuda,convert,app]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -37,6 +37,14 @@ test-fast: $(STAMP)
 RETRAIN ?=
 demo: $(STAMP)
 	XLA_FLAGS= $(PY) -m a2jax.demo --out $(DEMO) $(if $(RETRAIN),--retrain)
+
+# The web app (python -m a2jax.app) on http://127.0.0.1:7860: CHECKPOINT=folder serves a converted
+# folder; without it the make demo model, trained first if $(DEMO)/model is incomplete. One CPU device.
+CHECKPOINT ?=
+APP_ARGS ?=
+app: $(STAMP)
+	$(if $(CHECKPOINT),,test -d $(DEMO)/model/transformer || XLA_FLAGS= $(PY) -m a2jax.demo --out $(DEMO))
+	XLA_FLAGS= $(PY) -m a2jax.app --checkpoint $(or $(CHECKPOINT),$(DEMO)/model) $(APP_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
