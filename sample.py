@@ -26,7 +26,9 @@ from a2jax import conditioning, configs, preprocess, video
 from a2jax.errors import A2JaxError, InputError
 
 JOB_KEYS = ("prompt", "refs", "background", "out", "negative_prompt", "seed")
-SAMPLING_FLAGS = ("frames", "height", "width", "steps", "guidance", "shift", "seed", "sampler")
+SAMPLING_FLAGS = ("frames", "height", "width", "steps", "guidance", "shift", "seed", "sampler",
+                  "distill_timesteps", "distill_shift", "cache", "cache_threshold",
+                  "cache_max_skips", "cache_retention", "cache_calibration")
 
 
 @dataclasses.dataclass
@@ -58,7 +60,29 @@ def parse_args(argv):
   p.add_argument("--guidance", type=float, help="classifier-free guidance scale (release: 5.0)")
   p.add_argument("--shift", type=float, help="flow shift (release: 8.0)")
   p.add_argument("--seed", type=int, help="noise seed (release: 42)")
-  p.add_argument("--sampler", choices=configs.SAMPLERS, help="unipc (release) or euler")
+  p.add_argument("--sampler", choices=configs.SAMPLERS, help="unipc (release), euler, or distill "
+                 "(a step-distilled model, e.g. --sampler distill --guidance 1 with lightx2v's LoRA)")
+  fast = p.add_argument_group("fast sampling (README \"Fast sampling\")")
+  fast.add_argument("--distill-timesteps", type=int_list, help="distill: training steps to sample "
+                    "at, comma-separated (default 1000,750,500,250)")
+  fast.add_argument("--distill-shift", type=float, help="distill: flow shift of its schedule (5)")
+  fast.add_argument("--cache", choices=configs.CACHES, help="step caching: none (default), mag, "
+                    "teacache or fbcache")
+  fast.add_argument("--cache-threshold", type=float, help="skip threshold (0: never skip; default "
+                    "mag 0.12, teacache 0.26, fbcache 0.05)")
+  fast.add_argument("--cache-max-skips", type=int, help="mag: most skipped steps in a row (4)")
+  fast.add_argument("--cache-retention", type=float, help="mag, teacache: first share of steps "
+                    "always computed (0.2)")
+  fast.add_argument("--cache-calibration", help="mag: the curve JSON written by --calibrate")
+  fast.add_argument("--calibrate", type=pathlib.Path, metavar="OUT.json", help="instead of videos, "
+                    "run the job(s) in full and write MagCache's curve (mean over jobs) to OUT.json")
+  p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                 help="a LoRA .safetensors file (original Wan / ComfyUI, kohya / musubi or "
+                 "diffusers names) merged into the transformer at load time, scaled by STRENGTH "
+                 "(default 1); repeatable")
+  p.add_argument("--weights", choices=("int8", "fp8"), help="quantize the transformer blocks' "
+                 "matmul kernels at load, per output channel (README \"Quantized weights\"); "
+                 "default: as stored (bfloat16)")
   p.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=2,fsdp=-1,context=1,tensor=1 "
                  "(default: the checkpoint config's mesh: all devices on fsdp)")
   p.add_argument("--grid", action="store_true", help="also write OUT_grid.mp4 with the references "
@@ -68,6 +92,13 @@ def parse_args(argv):
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("overrides", nargs="*", help="config overrides key=value")
   return p.parse_intermixed_args(argv)  # key=value overrides may follow the options
+
+
+def int_list(text: str) -> list[int]:
+  try:
+    return [int(v) for v in text.split(",")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
 def mesh_overrides(text: str | None) -> list[str]:
@@ -146,6 +177,32 @@ def grid_frames(frames: np.ndarray, references: list[np.ndarray]) -> np.ndarray:
   return np.stack([np.concatenate([row, f], axis=1) for f in frames])
 
 
+def calibrate(pipe, jobs: list[Job], sampling: configs.SamplingConfig, out: pathlib.Path) -> int:
+  """MagCache's curve of full runs of the jobs (their mean), written for --cache-calibration."""
+  from a2jax import step_cache
+  curves = []
+  for job in jobs:
+    refs = [preprocess.load_image(p) for p in job.refs]
+    background = preprocess.load_image(job.background) if job.background else None
+    job_sampling = sampling if job.seed is None else dataclasses.replace(sampling, seed=job.seed)
+    curves.append(pipe.calibrate(job.prompt, refs, background, negative_prompt=job.negative_prompt,
+                                 sampling=job_sampling))
+  step_cache.write_calibration(out, np.mean(curves, axis=0), sampling)
+  print(f"wrote {out} ({len(curves[0])} steps, {len(jobs)} job(s)): sample with --cache mag "
+        f"--cache-calibration {out}", file=sys.stderr)
+  return 0
+
+
+def read_loras(specs: list[str], cfg: configs.TransformerConfig):
+  """The --lora files, read and checked against the transformer before any model loads; prints
+  their notes (format, coverage, T2V LoRAs) to stderr."""
+  from convert_weights import lora
+  loaded = lora.read_loras([lora.parse_spec(spec) for spec in specs], cfg)
+  for note in (n for one in loaded for n in one.notes):
+    print(f"lora: {note}", file=sys.stderr)
+  return loaded
+
+
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
@@ -153,15 +210,20 @@ def main(argv=None) -> int:
     folder = pathlib.Path(args.checkpoint)
     pipeline.check_folder(folder)
     overrides = [*mesh_overrides(args.mesh), *args.overrides]
+    if args.weights:
+      overrides.append(f"transformer.weights={args.weights}")
     cfg = checkpoints.read_config(folder, overrides)
     sampling = sampling_config(args, cfg.sampling)
     jobs = read_jobs(args)
     validate(jobs, sampling)
+    loras = read_loras(args.lora, cfg.transformer)
 
     start = time.perf_counter()
     mesh = sharding.make_mesh(cfg.mesh)
-    pipe = pipeline.A2Pipeline.from_folder(folder, mesh=mesh, overrides=overrides)
+    pipe = pipeline.A2Pipeline.from_folder(folder, mesh=mesh, overrides=overrides, loras=loras)
     load_seconds = time.perf_counter() - start
+    if args.calibrate is not None:
+      return calibrate(pipe, jobs, sampling, args.calibrate)
     totals: dict[str, float] = {}
     for number, job in enumerate(jobs, 1):
       refs = [preprocess.load_image(p) for p in job.refs]

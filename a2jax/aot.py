@@ -97,11 +97,15 @@ def cuda_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def target_devices(target: str) -> list[Any]:
-  """Devices of `tpu:<topology>` (e.g. tpu:v5p:2x2x2) or `cuda:<hosts>x<gpus>` (e.g. cuda:1x8)."""
+  """Devices of `tpu:<topology>` (e.g. tpu:v5p:2x2x2, one chip: tpu:v6e:1x1) or
+  `cuda:<hosts>x<gpus>` (e.g. cuda:1x8)."""
   from jax.experimental import topologies
   platform, _, name = target.partition(":")
   if platform == "tpu":
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    # A single chip (e.g. v6e:1x1) is a host of one chip; libtpu's default host is bigger.
+    single = all(part == "1" for part in name.partition(":")[2].split("x"))
+    extra = {"chips_per_host_bounds": (1, 1, 1)} if single else {}
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **extra).devices)
   if platform == "cuda":
     spec = gpu_spec_path()
     hosts, _, gpus = name.partition("x")
@@ -124,11 +128,14 @@ def _abstract(shape, dtype, logical, mesh):
 def transformer_args(cfg: TransformerConfig, mesh, video: VideoShape) -> tuple[Any, ...]:
   """(params, x, t, text, image) as ShapeDtypeStructs with shardings by the logical rules.
 
-  params in the config's param dtype; x (B, f, h, w, in_channels) float32 (the sampler's state),
-  t (B,) float32, text (B, T, text_dim) and image (B, I, image_dim) in the compute dtype.
+  params in the config's param dtype (the blocks' kernels quantized when `cfg.weights` asks);
+  x (B, f, h, w, in_channels) float32 (the sampler's state), t (B,) float32, text (B, T, text_dim)
+  and image (B, I, image_dim) in the compute dtype.
   """
+  from a2jax.models import quant
   from a2jax.models.transformer import init_abstract_boxed
-  params, shardings = sharding.unboxed_shardings(init_abstract_boxed(cfg), mesh)
+  boxed = quant.quantize_abstract(init_abstract_boxed(cfg), cfg.weights)
+  params, shardings = sharding.unboxed_shardings(boxed, mesh)
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         params, shardings)
   b, (f, h, w) = video.batch, video.latent_grid
@@ -275,11 +282,12 @@ def compile_sampling_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence
 
 def train_step_args(cfg: configs.Config, mesh, video: VideoShape):
   """(optimizer, state shardings, (state, batch, rng)) of `a2jax.train.step` for `video.batch`
-  encoded samples, as sharded ShapeDtypeStructs: float32 master params and Adam state."""
+  encoded samples, as sharded ShapeDtypeStructs: float32 master params and Adam state (with
+  train.lora: float32 adapters and their Adam state, the frozen base in its param dtype)."""
   from a2jax.train import optimizer, state as train_state, step as train_step
   tx = optimizer.make_optimizer(cfg.train)
   abstract, shardings = train_state.abstract_state(cfg.transformer, tx, mesh,
-                                                   cfg.train.ema_decay is not None)
+                                                   cfg.train.ema_decay is not None, cfg.train.lora)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        abstract, shardings)
   t, b, (f, h, w), z = cfg.transformer, video.batch, video.latent_grid, cfg.vae.z_dim
@@ -298,8 +306,10 @@ def compile_train_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence[st
                        ) -> dict[str, Any]:
   """Compiles the DiT training step (`a2jax.train.step`, state donated) of `preset` for `target`
   on a global batch of `video.batch` samples. FLOPs: 3 forwards per sample (model FLOPs, what MFU
-  counts); `flops_with_remat` adds the recomputed forward of full remat."""
-  from a2jax.train import step as train_step
+  counts); `flops_with_remat` adds the recomputed forward of full remat. A LoRA preset (train.lora
+  set, e.g. a2_14b_lora) compiles the LoRA step: `flops` as a2jax.train.metrics counts it, and
+  `lora_params` the number of trained parameters."""
+  from a2jax.train import metrics, step as train_step
   cfg = configs.load(preset, overrides=list(overrides))
   devices = target_devices(target)
   mesh = sharding.make_mesh(mesh_cfg, devices)
@@ -315,6 +325,11 @@ def compile_train_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence[st
                 flops=3 * video.batch * flops["total"],
                 flops_with_remat=forwards * video.batch * flops["total"],
                 flops_per_sample=flops["total"], peak_gib=round(result["peak_bytes"] / GIB, 2))
+  if cfg.train.lora is not None:
+    model_flops = metrics.step_flops(cfg, {k: v.shape for k, v in args[1].items()})
+    result.update(program="lora_train_step", flops=model_flops,
+                  flops_with_remat=model_flops + (forwards - 3) * video.batch * flops["total"],
+                  lora_params=sum(x.size for x in jax.tree.leaves(args[0].params)))
   return result
 
 
@@ -340,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--preset", default="a2_14b")
   parser.add_argument("--program", choices=("forward", "sampling_step", "train_step"),
                       default="forward", help="the transformer forward on a CFG batch, one whole "
-                      "sampling step, or the training step (use --preset a2_14b_train)")
+                      "sampling step, or the training step (use --preset a2_14b_train, or "
+                      "a2_14b_lora for the LoRA step)")
   parser.add_argument("--frames", type=int, default=VideoShape.frames)
   parser.add_argument("--height", type=int, default=VideoShape.height)
   parser.add_argument("--width", type=int, default=VideoShape.width)

@@ -23,6 +23,7 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "offload")
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
+QUANTIZED_WEIGHTS = ("native", "int8", "fp8")  # a2jax/models/quant.py
 
 # Keys that diffusers / transformers write into every `config.json` and that do not change the
 # computation. Component configs add their own (dropout, initialisation, decoder-only settings).
@@ -95,6 +96,8 @@ class TransformerConfig(ComponentConfig):
   dtype: str = "float32"
   remat: str = "none"
   attention: str = "xla"
+  # "native" (the param dtype), "int8" or "fp8": the blocks' matmul kernels quantized at load
+  weights: str = "native"
 
   @property
   def inner_dim(self) -> int:
@@ -135,6 +138,7 @@ class TransformerConfig(ComponentConfig):
     _check_choice(name, "dtype", self.dtype, DTYPES)
     _check_choice(name, "remat", self.remat, REMAT_POLICIES)
     _check_choice(name, "attention", self.attention, ATTENTION_BACKENDS)
+    _check_choice(name, "weights", self.weights, QUANTIZED_WEIGHTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +305,9 @@ class MeshConfig:
                         "use positive sizes, with at most one −1 for 'all remaining devices'")
 
 
-SAMPLERS = ("unipc", "euler")
+SAMPLERS = ("unipc", "euler", "distill")
+# Step caching inside the compiled loop (a2jax/step_cache.py).
+CACHES = ("none", "mag", "teacache", "fbcache")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,6 +327,16 @@ class SamplingConfig:
   negative_prompt: str | None = None  # None: the release's default negative prompt
   drop_reference_frames: bool = True   # drop the first 4·N output frames, which show the references
   condition_posterior: str = "mean"    # "mean" (Wan I2V) or "sample" (the release)
+  # sampler "distill" (a step-distilled model, e.g. lightx2v's LoRA): these training steps of the
+  # flow schedule shifted by distill_shift; `steps` and `shift` are then unused
+  distill_timesteps: tuple[int, ...] = (1000, 750, 500, 250)
+  distill_shift: float = 5.0
+  # step caching (README "Fast sampling"): none | mag | teacache | fbcache
+  cache: str = "none"
+  cache_threshold: float | None = None  # None: the mode's default (mag 0.12, teacache 0.26, fbcache 0.05)
+  cache_max_skips: int = 4              # mag: at most this many skipped steps in a row
+  cache_retention: float = 0.2          # mag, teacache: this first share of steps always runs
+  cache_calibration: str | None = None  # mag: the JSON curve of `sample.py --calibrate OUT.json`
 
   def __post_init__(self):
     name = type(self).__name__
@@ -334,6 +350,45 @@ class SamplingConfig:
       raise ConfigError(f"{name}.shift = {self.shift} must be positive")
     _check_choice(name, "sampler", self.sampler, SAMPLERS)
     _check_choice(name, "condition_posterior", self.condition_posterior, ("mean", "sample"))
+    _check_choice(name, "cache", self.cache, CACHES)
+    _check_positive(name, distill_shift=self.distill_shift, cache_max_skips=self.cache_max_skips)
+    if self.cache_threshold is not None and self.cache_threshold < 0:
+      raise ConfigError(f"{name}.cache_threshold = {self.cache_threshold} must be ≥ 0 (0: never skip)")
+    if not 0 <= self.cache_retention <= 1:
+      raise ConfigError(f"{name}.cache_retention = {self.cache_retention} must be in [0, 1]")
+    if self.cache == "mag" and not self.cache_calibration:
+      raise ConfigError(f"{name}.cache = 'mag' needs cache_calibration: a curve written by "
+                        "sample.py --checkpoint FOLDER --prompt ... --calibrate curve.json")
+    if self.sampler == "distill":
+      from a2jax.schedulers import Distill
+      Distill(tuple(self.distill_timesteps), self.distill_shift)  # ConfigError on a bad step list
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """Low-rank adapters on the blocks' projections: W' = W + (alpha / rank) · A·B per target (Flax
+  kernels (in, out): A (in, rank), B (rank, out) zero at the start). Targets are names of
+  a2jax.models.lora.TARGET_MODULES ("attn1.to_q", "attn2.add_k_proj", "ffn.net_0", …)."""
+
+  rank: int = 32
+  alpha: float = 32.0
+  # every block's attention projections: self-attention, text cross-attention and image branch
+  targets: tuple[str, ...] = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out_0",
+                              "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out_0",
+                              "attn2.add_k_proj", "attn2.add_v_proj")
+
+  def __post_init__(self):
+    name = type(self).__name__
+    _check_positive(name, rank=self.rank, alpha=self.alpha)
+    from a2jax.models.lora import TARGET_MODULES
+    unknown = sorted(set(self.targets) - set(TARGET_MODULES))
+    if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+      raise ConfigError(f"{name}.targets = {list(self.targets)}: {unknown[0] + ' is unknown; ' if unknown else ''}"
+                        f"give distinct names among {sorted(TARGET_MODULES)}")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,6 +428,9 @@ class TrainConfig:
   profile_steps: int = 3
   # null: jax.distributed.initialize() when the environment says several processes
   distributed: bool | None = None
+  # null: fine-tune every parameter; a LoRAConfig (e.g. train.lora.rank=32): train low-rank
+  # adapters only, the base parameters frozen in their param_dtype (README "Training a LoRA")
+  lora: LoRAConfig | None = None
 
   def __post_init__(self):
     name = type(self).__name__

@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+import a2jax  # noqa: E402,F401  first: it chooses the JAX backends (a2jax/platforms.py)
 import jax  # noqa: E402
 import torch  # noqa: E402
 

@@ -21,6 +21,7 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import a2jax  # noqa: E402,F401  first: it chooses the JAX backends (a2jax/platforms.py)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
