@@ -62,29 +62,33 @@ def test_cuda_plugin_blocked_only_without_gpu():
 
 
 def test_public_model_api_as_in_the_design():
+  """DESIGN.md §3's calls on the tiny config, traced for shapes (jax.eval_shape: no compute)."""
   cfg = configs.load("tiny")
   key = jax.random.key(0)
+  shape = lambda fn, *args: jax.eval_shape(fn, *args).shape
+
   model = a2jax.models.A2Transformer(cfg.transformer)
   x = jnp.zeros((1, 2, 4, 4, cfg.transformer.in_channels))
   t, text = jnp.array([500.0]), jnp.zeros((1, 7, cfg.transformer.text_dim))
   image = jnp.zeros((1, 257, cfg.transformer.image_dim))
-  p = model.init(key, x, t, text, image)["params"]
-  assert model.apply({"params": p}, x, t, text, image).shape == (1, 2, 4, 4, 16)
+  p = jax.eval_shape(model.init, key, x, t, text, image)["params"]
+  assert shape(lambda p: model.apply({"params": p}, x, t, text, image), p) == (1, 2, 4, 4, 16)
 
   vae = a2jax.models.WanVAE(cfg.vae)
   video = jnp.zeros((1, 5, 16, 16, 3))
-  vp = vae.init(key, video)["params"]
-  mean, logvar = vae.apply({"params": vp}, video, method=vae.encode)
+  vp = jax.eval_shape(vae.init, key, video)["params"]
+  mean, logvar = jax.eval_shape(lambda p: vae.apply({"params": p}, video, method=vae.encode), vp)
   assert mean.shape == logvar.shape == (1, 2, 2, 2, cfg.vae.z_dim)
-  assert vae.apply({"params": vp}, mean, method=vae.decode).shape == (1, 5, 16, 16, 3)
+  latents = jnp.zeros(mean.shape)
+  assert shape(lambda p: vae.apply({"params": p}, latents, method=vae.decode), vp) == (1, 5, 16, 16, 3)
 
   clip = a2jax.models.CLIPVisionEncoder(cfg.clip)
   pixels = jnp.zeros((1, cfg.clip.image_size, cfg.clip.image_size, 3))
-  cp = clip.init(key, pixels)["params"]
+  cp = jax.eval_shape(clip.init, key, pixels)["params"]
   tokens = 1 + (cfg.clip.image_size // cfg.clip.patch_size) ** 2
-  assert clip.apply({"params": cp}, pixels).shape == (1, tokens, cfg.clip.hidden_size)
+  assert shape(lambda p: clip.apply({"params": p}, pixels), cp) == (1, tokens, cfg.clip.hidden_size)
 
   t5 = a2jax.models.UMT5Encoder(cfg.umt5)
   ids = jnp.ones((1, 6), jnp.int32)
-  tp = t5.init(key, ids, ids)["params"]
-  assert t5.apply({"params": tp}, ids, ids).shape == (1, 6, cfg.umt5.d_model)
+  tp = jax.eval_shape(t5.init, key, ids, ids)["params"]
+  assert shape(lambda p: t5.apply({"params": p}, ids, ids), tp) == (1, 6, cfg.umt5.d_model)

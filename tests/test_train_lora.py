@@ -29,7 +29,10 @@ OVERRIDES = ["train.batch_size=8", "train.grad_accum_steps=2", "train.ema_decay=
              "train.learning_rate=3.0e-2", "train.warmup_steps=0", "train.steps=150", *LORA]
 OVERFIT_STEPS = 150
 SHARDED_TOL = 1e-5   # max|Δ| ≤ SHARDED_TOL · max|single| per array (float32)
-UPDATE_TOL = 1e-4    # adapters after one step: max|Δ| ≤ UPDATE_TOL · lr (one Adam update ≤ lr)
+# Adapters after one step: max|Δ| ≤ UPDATE_TOL · lr. Adam's first update is lr · g / (|g| + ε), so a
+# gradient whose summation-order noise δ is near ε moves by up to lr · δ / ε (measured 1.2e-4 · lr on
+# fsdp 4 × tensor 2); the Adam moments, linear in g, are held to SHARDED_TOL.
+UPDATE_TOL = 1e-3
 GRAD_TOL = 1e-5      # adapters' gradient vs s·dW·Bᵀ, s·Aᵀ·dW (max relative, float32)
 EXPORT_TOL = 1e-5    # diffusers with the exported LoRA fused vs a2jax (max relative, float32)
 

@@ -111,6 +111,9 @@ def _read_checkpoint(directory: str | os.PathLike, step: int | None) -> tuple[An
     step = max(manager.all_steps(), default=None) if step is None else step
     if step not in manager.all_steps():
       raise missing(step)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
-  return restored["state"], restored["config"]
+    # a checkpoint written without the run's config (not by train.py) reads as a full fine-tune
+    items = {"state": ocp.args.StandardRestore()}
+    if os.path.isdir(os.path.join(directory, str(step), "config")):
+      items["config"] = ocp.args.JsonRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored["state"], restored.get("config") or {}
