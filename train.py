@@ -2,21 +2,28 @@
 
     python train.py configs/a2_14b_train.yaml run_name=a2_ft output_dir=/ckpt key=value …
 
-The same command runs on every host of a pod. `run_name=` and `output_dir=` (any bare key of the
-`train` section) set `train.*`; other overrides are dotted (`mesh.fsdp=8`, `data.data_dir=…`).
+The same command runs on every host of a pod (README "Multi-host": processes join through the
+`distributed` section or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). `run_name=`
+and `output_dir=` (any bare key of the `train` section) set `train.*`; other overrides are dotted
+(`mesh.fsdp=8`, `data.data_dir=…`).
 Everything lands under {output_dir}/{run_name}/: config.yaml, checkpoints/<step>/ (orbax),
 metrics.jsonl, tensorboard/ (events and profiler traces).
 
-The script reads top to bottom: config, distributed, mesh, data, model/optimizer/shardings,
-restore, step, loop. Resume order (restore): the latest complete checkpoint of the run (state and
-data position) if there is one; otherwise the transformer of `train.init_from` (a converted a2jax
-folder) with a fresh optimizer; otherwise random parameters from `train.seed`.
+The script reads top to bottom: config, distributed, mesh, model/optimizer/shardings, restore,
+data, step, loop. Resume order (restore): the latest complete checkpoint of the run (its state; the
+data position is its step, so any process count resumes it) if there is one; otherwise the
+transformer of `train.init_from` (a converted a2jax folder) with a fresh optimizer; otherwise random
+parameters from `train.seed`.
 
 A LoRA run (`train.lora` set) trains adapters on a frozen base. Its checkpoints hold the adapters
 (and their optimizer state and EMA), not the base: on resume the adapters come from the checkpoint
 and the base is read again from `train.init_from`, or drawn again from `train.seed` without one;
 the run refuses to resume on a base other than the checkpoint's (init_from, seed or transformer
 section changed).
+
+SIGTERM (a TPU VM's preemption notice) saves a checkpoint at a step all processes agree on and ends
+the run with status 0; the same command resumes it. A lost process stops the others with one line
+naming it (a2jax.distributed).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from a2jax import checkpoints, configs, distributed, sharding
 from a2jax.errors import TrainingError, run_main
 from a2jax.train import batches, metrics, optimizer
 from a2jax.train.checkpointing import Checkpoints
+from a2jax.train.preemption import PreemptionNotice
 from a2jax.models.transformer import init_params
 from a2jax.train.state import abstract_state, init_state
 from a2jax.train.step import batch_shardings, jit_train_step
@@ -88,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
   ckpt_dir = os.path.join(run_dir, "checkpoints")
 
   # --- distributed: before anything touches a device -----------------------------------------
-  if tc.distributed or (tc.distributed is None and distributed.multi_process_environment()):
-    jax.distributed.initialize()
+  distributed.initialize(cfg.distributed)
+  preemption = PreemptionNotice()  # from here on SIGTERM means: save at an agreed step, exit 0
   primary = jax.process_index() == 0
   if primary:
     os.makedirs(run_dir, exist_ok=True)
@@ -99,8 +107,6 @@ def main(argv: list[str] | None = None) -> int:
   mesh = sharding.make_mesh(cfg.mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
 
-  # --- data: this host's iterator (its position is part of every checkpoint) -----------------
-  data_iterator = batches.host_loader(cfg, mesh)
 
   # --- model, optimizer, shardings -------------------------------------------------------------
   tx = optimizer.make_optimizer(tc)
@@ -108,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
   abstract, shardings = abstract_state(cfg.transformer, tx, mesh, ema, tc.lora)
   for tree, tree_shardings in ((abstract.params, shardings.params), (abstract.frozen, shardings.frozen)):
     sharding.check_replication(tree, tree_shardings, mesh)
-  init_key, step_key = jax.random.split(jax.random.key(tc.seed))
-  step_key = jax.device_put(step_key, replicated)
+  # made by a program so that they are global arrays, replicated over every process's devices
+  init_key, step_key = jax.jit(lambda: tuple(jax.random.split(jax.random.key(tc.seed))),
+                               out_shardings=(replicated, replicated))()
 
   with jax.set_mesh(mesh):
     # --- restore (resume order in the module docstring) ----------------------------------------
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     read_base = lambda: checkpoints.load_params(checkpoints.component_path(
         tc.init_from, "transformer"), base_abstract, base_shardings) if tc.init_from else None
     if start is not None:
-      state, saved = ckpt.restore(start, abstract, shardings, data_iterator)
+      state, saved = ckpt.restore(start, abstract, shardings)
       if tc.lora:
         check_same_base(saved, cfg, ckpt_dir, start)
         base = read_base()
@@ -142,10 +149,15 @@ def main(argv: list[str] | None = None) -> int:
                f"{len(tc.lora.targets)} targets, {lora_count(state.params):,} parameters)"
                if tc.lora else ""), flush=True)
 
+    # --- data: this process's rows of each step's global batch, from the step after `start` ---
+    data_iterator = batches.host_loader(cfg, mesh, start)
+    rows = batches.host_row_indices(tc.batch_size, mesh)
+
     # --- step: compiled once for the batch shapes ----------------------------------------------
     local = next(data_iterator)
-    b_shardings = batch_shardings(local, mesh)
-    batch = batches.global_batch(local, b_shardings, tc.batch_size)
+    b_shardings = batch_shardings({k: jax.ShapeDtypeStruct((tc.batch_size, *v.shape[1:]), v.dtype)
+                                   for k, v in local.items()}, mesh)
+    batch = batches.global_batch(local, b_shardings, tc.batch_size, rows)
     began = time.perf_counter()
     train_step = jit_train_step(cfg, tx, mesh, shardings, b_shardings).lower(
         state, batch, step_key).compile()
@@ -159,17 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     # checkpoint steps: a checkpoint is written only after its own step's loss was found finite.
     profile = metrics.ProfileWindow(os.path.join(run_dir, "tensorboard"), tc.profile_start_step,
                                     tc.profile_steps)
-    pending, window = [], []
+    pending, window, preempted = [], [], False
     window_start = time.perf_counter()
     for step in range(start + 1, tc.steps + 1):
       if batch is None:
-        batch = batches.global_batch(next(data_iterator), b_shardings, tc.batch_size)
+        batch = batches.global_batch(next(data_iterator), b_shardings, tc.batch_size, rows)
       profile.before_step(step)
       state, step_metrics = train_step(state, batch, step_key)
       batch = None
       profile.after_step(step, step_metrics)
       pending.append((step, step_metrics))
-      save = ckpt.should_save(step) or step == tc.steps
+      preempted = preemption.reached(step)
+      save = ckpt.should_save(step) or step == tc.steps or preempted
       log = step % tc.log_every == 0 or step == tc.steps
       ready, pending = (pending, []) if save or log else (pending[:-1], pending[-1:])
       for s, m in ready:
@@ -189,10 +202,16 @@ def main(argv: list[str] | None = None) -> int:
           print(metrics.progress_line(step, tc.steps, record), flush=True)
         window, window_start = [], now
       if save:
-        ckpt.save(step, state, data_iterator, cfg)
+        ckpt.save(step, state, cfg)
+      if preempted:
+        break
     ckpt.wait()
     ckpt.close()
     writer.close()
+    preemption.close()
+  if preempted and primary:
+    print(f"preempted (SIGTERM): saved step {step} in {ckpt_dir}; the same command resumes the run",
+          flush=True)
   return 0
 
 

@@ -417,6 +417,9 @@ class TrainConfig:
   adam_eps: float = 1e-8
   weight_decay: float = 0.01
   max_grad_norm: float = 1.0
+  # Adam's two moments: float32, or bfloat16 (half their memory; full fine-tuning of the 14B on one
+  # v5p-8 host needs it, README "Fine-tuning"); the master parameters stay in param_dtype
+  moments_dtype: str = "float32"
   ema_decay: float | None = None       # e.g. 0.9999; null: no EMA parameters
   # checkpoints under {output_dir}/{run_name}/checkpoints/<step>/
   checkpoint_every: int = 500
@@ -426,8 +429,6 @@ class TrainConfig:
   log_every: int = 10
   profile_start_step: int | None = None  # first step traced by jax.profiler; null: no trace
   profile_steps: int = 3
-  # null: jax.distributed.initialize() when the environment says several processes
-  distributed: bool | None = None
   # null: fine-tune every parameter; a LoRAConfig (e.g. train.lora.rank=32): train low-rank
   # adapters only, the base parameters frozen in their param_dtype (README "Training a LoRA")
   lora: LoRAConfig | None = None
@@ -444,8 +445,10 @@ class TrainConfig:
                         f"grad_accum_steps = {self.grad_accum_steps}")
     _check_choice(name, "timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal"))
     _check_choice(name, "loss_weighting", self.loss_weighting, ("none", "cosmap"))
-    if not 0 <= self.warmup_steps <= self.steps:
-      raise ConfigError(f"{name}.warmup_steps = {self.warmup_steps} must be within [0, steps]")
+    _check_choice(name, "moments_dtype", self.moments_dtype, ("float32", "bfloat16"))
+    if not 0 <= self.warmup_steps < self.steps:
+      raise ConfigError(f"{name}.warmup_steps = {self.warmup_steps} must be within [0, steps = "
+                        f"{self.steps}): the cosine decay needs at least one step")
     if not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0 or self.max_grad_norm < 0:
       raise ConfigError(f"{name}: min_lr_ratio must be in [0, 1], weight_decay and max_grad_norm "
                         "non-negative (max_grad_norm 0 turns clipping off)")
@@ -502,6 +505,32 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """How this process joins the others (a2jax.distributed.initialize; README "Multi-host").
+
+  All null: the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID fill them; without those, JAX detects TPU pod slices, SLURM and Open MPI itself;
+  with none of these, one process."""
+
+  coordinator_address: str | None = None  # host:port of process 0's coordination service
+  num_processes: int | None = None
+  process_id: int | None = None
+  initialization_timeout: int = 300       # seconds every process waits for all to connect
+  heartbeat_timeout: int = 100            # seconds without heartbeats before a process counts as lost
+
+  def __post_init__(self):
+    name = type(self).__name__
+    _check_positive(name, initialization_timeout=self.initialization_timeout,
+                    heartbeat_timeout=self.heartbeat_timeout)
+    if self.num_processes is not None and self.num_processes < 1:
+      raise ConfigError(f"{name}.num_processes = {self.num_processes} must be ≥ 1")
+    if self.process_id is not None and (self.process_id < 0 or (
+        self.num_processes is not None and self.process_id >= self.num_processes)):
+      raise ConfigError(f"{name}.process_id = {self.process_id} must be in [0, num_processes = "
+                        f"{self.num_processes})")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """A whole a2jax config: one section per component, the mesh, sampling, training and data."""
 
@@ -513,6 +542,7 @@ class Config:
   sampling: SamplingConfig = SamplingConfig()
   train: TrainConfig = TrainConfig()
   data: DataConfig = DataConfig()
+  distributed: DistributedConfig = DistributedConfig()
 
 
 # ---------------------------------------------------------------------------------------------

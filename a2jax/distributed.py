@@ -1,14 +1,136 @@
-"""Several processes (TPU pod hosts, SLURM or MPI tasks): what the launcher's environment says."""
+"""Several processes (TPU pod hosts, GPU nodes, SLURM or MPI tasks): joining them, and stopping
+cleanly when one of them is lost.
+
+Every entry point (train.py, sample.py, python -m a2jax.data.encode) calls `initialize(cfg.distributed)`
+before anything touches a device. Where the settings come from, first found wins per field:
+  1. the config's `distributed` section (distributed.coordinator_address=host:port …)
+  2. the environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+  3. none of these: JAX's own detection when the launcher says there are several processes (TPU
+     pod slice, SLURM, Open MPI); otherwise one process and no `jax.distributed.initialize()`.
+A half-given setting (an address without a count, a process id ≥ the count) is a one-line error.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
+import threading
+
+from a2jax.configs import DistributedConfig
+from a2jax.errors import ConfigError
+
+# field of DistributedConfig → the environment variable that fills it when the config leaves it null
+ENVIRONMENT = {"coordinator_address": "JAX_COORDINATOR_ADDRESS",
+               "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+# exit status of a process that stops because another one was lost
+LOST_PROCESS_EXIT = 3
+
+_heartbeat_timeout: int | None = None  # of the initialized run; None: one process
+
+
+def cluster_environment() -> bool:
+  """Whether the launcher says this is one of several processes that JAX detects by itself (TPU pod
+  slice, SLURM, Open MPI); readable before jax starts."""
+  env = os.environ
+  counts = (env.get(k, "1") for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+  return (any(c.isdigit() and int(c) > 1 for c in counts)
+          or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
 
 
 def multi_process_environment() -> bool:
-  """Whether the launcher says this is one of several processes (TPU pod, SLURM, MPI, explicit),
-  readable before jax starts."""
-  env = os.environ
-  counts = (env.get(k, "1") for k in ("JAX_PROCESS_COUNT", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-  return (any(c.isdigit() and int(c) > 1 for c in counts) or "JAX_COORDINATOR_ADDRESS" in env
-          or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+  """Whether this process is told (by the launcher or the JAX_* variables) that it is one of several."""
+  num = os.environ.get(ENVIRONMENT["num_processes"], "1")
+  return (cluster_environment() or ENVIRONMENT["coordinator_address"] in os.environ
+          or (num.isdigit() and int(num) > 1))
+
+
+def resolve(cfg: DistributedConfig, environ=None) -> DistributedConfig:
+  """The config with its null fields filled from the environment (ENVIRONMENT), validated."""
+  environ = os.environ if environ is None else environ
+  filled = {}
+  for field, var in ENVIRONMENT.items():
+    if getattr(cfg, field) is None and environ.get(var, "") != "":
+      value = environ[var]
+      if field != "coordinator_address":
+        if not value.strip().isdigit():
+          raise ConfigError(f"{var}={value!r} is not a non-negative integer")
+        value = int(value)
+      filled[field] = value
+  try:
+    cfg = dataclasses.replace(cfg, **filled)
+  except ConfigError as e:
+    raise ConfigError(f"{e} (from the config's distributed section and {', '.join(ENVIRONMENT.values())})") from None
+  given = [f for f in ENVIRONMENT if getattr(cfg, f) is not None]
+  if given and cfg.num_processes != 1 and len(given) < len(ENVIRONMENT):
+    missing = [f for f in ENVIRONMENT if f not in given]
+    raise ConfigError(
+        f"distributed: {', '.join(given)} given without {', '.join(missing)}: set all three "
+        f"(distributed.{missing[0]}=… or {ENVIRONMENT[missing[0]]}), or none to let JAX detect "
+        "a TPU pod slice, SLURM or Open MPI")
+  address = cfg.coordinator_address
+  if address is not None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+      raise ConfigError(f"distributed.coordinator_address = {address!r} is not host:port "
+                        "(process 0's address and a free port, e.g. 10.0.0.2:1234)")
+  return cfg
+
+
+def initialize(cfg: DistributedConfig) -> None:
+  """Joins the other processes (`jax.distributed.initialize`) when there are several (see the
+  module docstring); no-op for one process or when already joined. Call before any device use."""
+  global _heartbeat_timeout
+  import jax
+  from jax._src import distributed as jax_distributed
+  cfg = resolve(cfg)
+  if jax_distributed.global_state.client is not None:
+    return
+  timeouts = dict(initialization_timeout=cfg.initialization_timeout,
+                  heartbeat_timeout_seconds=cfg.heartbeat_timeout)
+  if cfg.num_processes is not None:
+    if cfg.num_processes == 1:
+      return
+    jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id,
+                               **timeouts)
+  elif cluster_environment():
+    jax.distributed.initialize(**timeouts)
+  else:
+    return
+  _heartbeat_timeout = cfg.heartbeat_timeout
+
+
+def stop_if_process_lost(error: BaseException) -> None:
+  """Called with an exception of a multi-process run: when processes were lost (a collective
+  failed because a peer died), prints one line naming them and ends this process with
+  LOST_PROCESS_EXIT, skipping JAX's shutdown barrier (which would abort after the heartbeat
+  timeout). Returns when this is one process or every process is alive.
+
+  Which processes are alive is asked of the coordination service, which knows once a process has
+  missed heartbeats for `heartbeat_timeout` seconds: the stop takes at most that long (plus a
+  margin). A lost process 0 takes the coordination service with it: the others then end at once
+  with JAX's own fatal message ("the JAX distributed service detected fatal errors"), which this
+  cannot intercept."""
+  if _heartbeat_timeout is None:
+    return
+  import jax
+  from jax._src import distributed as jax_distributed
+  client, count = jax_distributed.global_state.client, jax.process_count()
+  live: dict = {}
+
+  def ask():  # a barrier among the live processes: it returns once the lost ones are known
+    live.update(client.get_live_nodes(list(range(count))))
+
+  asker = threading.Thread(target=ask, daemon=True)
+  asker.start()
+  asker.join(_heartbeat_timeout + 30)
+  lost = sorted(set(range(count)) - set(live)) if live else None
+  if lost == []:
+    return
+  who = (f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of {count}"
+         if lost else f"the other processes (of {count}) did not answer within "
+                      f"{_heartbeat_timeout + 30} s")
+  print(f"error: lost {who} ({type(error).__name__}: {str(error).splitlines()[0][:160]}); this "
+        f"process {jax.process_index()} stops: restart every process with the same command, a "
+        "training run resumes from its last checkpoint", file=sys.stderr, flush=True)
+  os._exit(LOST_PROCESS_EXIT)

@@ -34,9 +34,14 @@ class TrainingError(A2JaxError, FloatingPointError):
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
   """Runs a command-line entry point: an A2JaxError ends it with its one-line message on stderr
-  and exit status 2, not a traceback."""
+  and exit status 2, not a traceback; in a multi-process run, an error caused by a lost process
+  ends it with one line naming that process (a2jax.distributed.stop_if_process_lost)."""
   try:
     return main(argv)
   except A2JaxError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except Exception as e:
+    from a2jax import distributed
+    distributed.stop_if_process_lost(e)
+    raise

@@ -18,6 +18,8 @@ from a2jax.models import vae as vae_model
 from data_util import make_source
 from tokenizer_util import build_tiny_tokenizer
 
+import multiprocess
+
 OVERRIDES = ["data.frames=9", "data.height=32", "data.width=48", "umt5.max_length=16",
              "mesh.fsdp=4", "mesh.tensor=2"]
 CLIP = {"size": {"shortest_edge": 28}, "crop_size": {"height": 28, "width": 28}}
@@ -134,3 +136,23 @@ def test_encode_resumes_after_interruption(setup, monkeypatch):
   (root / "other" / encode.RUN_FILE).write_text(json.dumps({"seed": 123}))
   with pytest.raises(InputError, match="other settings"):
     encode.encode_dataset(root / "data", encoder, root / "other", **kwargs)
+
+
+def test_two_processes_encode_what_one_does(setup, tmp_path):
+  """`--distributed` in 2 processes × 4 devices (the models sharded over both, process 0 writing)
+  writes the dataset one process writes, to gloo's reduction order (rtol 1e-5); alone, it refuses."""
+  root, encoder = setup
+  one, two = tmp_path / "one", tmp_path / "two"
+  encode.encode_dataset(root / "data", encoder, one, records_per_shard=2, batch_size=2,
+                        progress=False)
+  args = ["-m", "a2jax.data.encode", "--src", root / "data", "--checkpoint", root / "ckpt",
+          "--records-per-shard", "2", "--batch-size", "2", "--distributed"]
+  multiprocess.run([*args, "--dst", two], timeout=400, log_dir=tmp_path)
+  spec_one, spec_two = encoded.read_spec(one), encoded.read_spec(two)
+  assert spec_two["shards"] == spec_one["shards"] and spec_two["features"] == spec_one["features"]
+  for a, b in zip(read_all(two), read_all(one), strict=True):
+    for k in encoded.FEATURES:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  with pytest.raises(InputError, match="no other process was found"):
+    encode.main([*map(str, args[2:]), "--dst", str(tmp_path / "alone")])
+  assert not (tmp_path / "alone").exists()

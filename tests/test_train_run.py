@@ -1,14 +1,17 @@
 """train.py end to end on configs/tiny_train.yaml over encoded records (a2jax.data.encoded), each run
-a subprocess on 8 simulated devices: a smoke run, a run killed with SIGKILL after its step-3
-checkpoint and resumed (bit for bit the straight run), and a non-finite loss that stops the run.
+a subprocess: in one process on 8 simulated devices (a smoke run, a non-finite loss that stops the
+run, init_from), and as 2 processes × 4 devices (tests/multiprocess.py, DESIGN.md §9): the same
+losses as one process, preemption by SIGTERM and SIGKILL of both processes resumed bit for bit, a
+lost process, and the checkpoint restored onto 8, 4 and 1 devices.
 
-The runs share one persistent compilation cache, so only the first compiles the train step.
+The runs share one persistent compilation cache, so only the first of each device count compiles.
 """
 
 import importlib.util
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -22,12 +25,17 @@ from a2jax.data.encoded import write_encoded
 from a2jax.errors import CheckpointError
 from a2jax.train import batches, checkpointing
 
+import multiprocess
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 6
 
-# Runs train.main with one hook on the batch of a given step (fresh runs: call k = step k):
-#   kill N CKPT  at step N, wait until checkpoint folder CKPT is committed, then SIGKILL itself;
-#   nan N        feed NaN latents at step N.
+# Runs train.main with one hook on the batch of a given call (fresh runs: call k = step k):
+#   kill N CKPT  at call N, wait until checkpoint folder CKPT is committed, then SIGKILL itself;
+#   term N       at call N, send itself SIGTERM (a preemption notice);
+#   die N        at call N, SIGKILL itself;
+#   nan N        feed NaN latents at call N;
+#   none 0       no hook (the other processes of a multi-process run).
 DRIVER = """
 import os, pathlib, signal, sys, time
 import numpy as np
@@ -48,6 +56,10 @@ def hooked(local, *args):
     while not pathlib.Path(ckpt).is_dir() and time.time() < deadline:
       time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGKILL)
+  if calls[0] == at and mode == "die":
+    os.kill(os.getpid(), signal.SIGKILL)
+  if calls[0] == at and mode == "term":
+    os.kill(os.getpid(), signal.SIGTERM)
   if calls[0] == at and mode == "nan":
     local = dict(local, latents=np.full_like(local["latents"], np.nan))
   return real(local, *args)
@@ -100,9 +112,8 @@ def read_metrics(run_dir):
 
 
 def read_state(step_dir):
-  """The checkpoint's `state` item as host numpy arrays (no target: as saved)."""
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(step_dir / "state")
+  """The checkpoint's `state` item as arrays, whatever topology wrote it."""
+  return checkpointing.read_checkpoint(step_dir.parent, int(step_dir.name))[0]
 
 
 def flat(tree):
@@ -136,7 +147,7 @@ def test_smoke_run_writes_config_checkpoints_and_metrics(straight):
   run_dir, metrics = straight
   assert configs.load(run_dir / "config.yaml").train.run_name == "straight"
   assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["3", "6"]
-  assert {p.name for p in (run_dir / "checkpoints" / "6").iterdir()} >= {"state", "data", "config"}
+  assert {p.name for p in (run_dir / "checkpoints" / "6").iterdir()} >= {"state", "config"}
   assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
   assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
   assert all(np.isfinite(m["loss"]) and m["step_time_s"] > 0 and m["lr"] > 0 for m in metrics)
@@ -164,31 +175,129 @@ def test_trained_params_for_sampling(straight, tmp_path):
   assert not (tmp_path / "nothing").exists()
 
 
-def test_resume_after_sigkill_is_bit_for_bit(tmp_path, env, data_dir, straight):
-  run_dir, want = straight
-  out = tmp_path / "runs"
-  # Killed: SIGKILL during step 5, once the step-3 checkpoint is committed.
-  driver = write_driver(tmp_path)
-  ckpt3 = out / "resumed" / "checkpoints" / "3"
-  killed = run(env, ["kill", "5", str(ckpt3), *run_args(out, data_dir, "resumed")], driver)
-  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  assert sorted(p.name for p in ckpt3.parent.iterdir() if p.name.isdigit()) == ["3"]
+def two_process_args(mode_of, *train_args, driver):
+  """argv of process i of a 2-process train.py run through the driver, `mode_of(i)` its hook."""
+  return lambda i: [driver, *mode_of(i), *train_args]
 
-  # Resumed: from step 3 to 6.
-  resumed = run(env, run_args(out, data_dir, "resumed"))
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "resumed from step 3" in resumed.stdout
-  got = read_metrics(out / "resumed")
+
+def assert_same_run(got_dir, want_dir, metrics=("loss", "grad_norm", "lr")):
+  """Every logged value and the final state bit for bit equal."""
+  got, want = read_metrics(got_dir), read_metrics(want_dir)
   assert [m["step"] for m in got] == list(range(1, STEPS + 1))
-  for key in ("loss", "grad_norm", "lr"):
+  for key in metrics:
     assert [m[key] for m in got] == [m[key] for m in want], key
-
-  a, b = flat(read_state(run_dir / "checkpoints" / "6")), flat(read_state(ckpt3.parent / "6"))
+  a = flat(read_state(want_dir / "checkpoints" / str(STEPS)))
+  b = flat(read_state(got_dir / "checkpoints" / str(STEPS)))
   assert a.keys() == b.keys() and any("opt_state" in k for k in a)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-  data_state = lambda d: (d / "checkpoints" / "6" / "data" / "process_0-of-1.json").read_text()
-  assert data_state(run_dir) == data_state(out / "resumed")
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, env, data_dir):
+  """The straight run as 2 processes × 4 devices: (run folder, logs)."""
+  out = tmp_path_factory.mktemp("two")
+  finished = multiprocess.run(["train.py", *run_args(out, data_dir, "two")], timeout=600,
+                              log_dir=out, env=env)
+  return out / "two", [f.log for f in finished]
+
+
+def test_two_processes_train_like_one(two_processes, straight):
+  """One global mesh over 2 processes: each reads its rows of the same global batches, and the
+  run logs what one process with 8 devices logs, to gloo's reduction order (measured: ≤ 2e-7
+  relative on the losses, parameters to 1e-6)."""
+  run_dir, logs = two_processes
+  assert f"step {STEPS}/{STEPS}  loss" in logs[0] and "  loss " not in logs[1]
+  got, want = read_metrics(run_dir), straight[1]
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-5, err_msg=key)
+  a = flat(read_state(straight[0] / "checkpoints" / str(STEPS)))
+  b = flat(read_state(run_dir / "checkpoints" / str(STEPS)))
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_preemption_and_sigkill_of_both_processes_resume_bit_for_bit(tmp_path, env, data_dir,
+                                                                     two_processes):
+  """SIGTERM to process 1 at step 2: both save at the step the coordination service picks and
+  exit 0; resumed, both are SIGKILLed at the second step after it; resumed again, the run ends bit
+  for bit as the uninterrupted 2-process run."""
+  out, driver = tmp_path / "runs", write_driver(tmp_path)
+  args = run_args(out, data_dir, "stopped")
+  ckpts = out / "stopped" / "checkpoints"
+  steps_saved = lambda: sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+
+  first = multiprocess.run(two_process_args(lambda i: ["term", "2"] if i else ["none", "0"],
+                                            *args, driver=driver),
+                           timeout=400, log_dir=tmp_path, env=env)
+  [preempted] = re.findall(r"preempted \(SIGTERM\): saved step (\d+)", first[0].log)
+  preempted = int(preempted)
+  assert 2 <= preempted < STEPS and steps_saved()[-1] == preempted, first[0].log
+
+  after = ckpts / str(preempted)  # the kill waits for it: it is the one the resume starts from
+  with multiprocess.Processes(two_process_args(lambda i: ["kill", "2", str(after)], *args,
+                                               driver=driver),
+                              log_dir=tmp_path, env=env) as procs:
+    killed = procs.wait(400)
+  assert all(f.returncode < 0 for f in killed), procs.all_logs()
+  assert "resumed from step" in killed[0].log
+
+  last = multiprocess.run(["train.py", *args], timeout=400, log_dir=tmp_path, env=env)
+  assert "resumed from step" in last[0].log
+  assert_same_run(out / "stopped", two_processes[0])
+
+
+def test_a_lost_process_stops_the_other_with_one_line(tmp_path, env, data_dir):
+  """Process 1 SIGKILLed mid-run: process 0 ends within the heartbeat timeout with one line naming
+  it (exit status 3), no abort."""
+  out, driver = tmp_path / "runs", write_driver(tmp_path)
+  args = run_args(out, data_dir, "lost", "steps=100000", "checkpoint_every=1000",
+                  "distributed.heartbeat_timeout=5")
+  with multiprocess.Processes(two_process_args(lambda i: ["die", "3"] if i else ["none", "0"],
+                                               *args, driver=driver),
+                              log_dir=tmp_path, env=env) as procs:
+    finished = procs.wait(300)
+  assert finished[1].returncode == -signal.SIGKILL, procs.all_logs()
+  assert finished[0].returncode == 3, procs.all_logs()
+  last = finished[0].log.strip().splitlines()[-1]
+  assert last.startswith("error: lost process 1 of 2") and "restart every process" in last, last
+
+
+def test_checkpoint_restores_onto_other_topologies(tmp_path, env, two_processes, data_dir):
+  """The 2-process run's checkpoint: trained_params here (8 devices) and in a 1-device process,
+  whose folder starts a 1-device run (init_from); its step-3 checkpoint resumed by one process with
+  4 devices logs the 2-process run's steps 4–6 (to 1e-5)."""
+  import shutil
+  run_dir = two_processes[0]
+  want = flat(read_state(run_dir / "checkpoints" / str(STEPS)))
+  got = flat(checkpointing.trained_params(run_dir / "checkpoints"))
+  for k, v in got.items():
+    np.testing.assert_array_equal(v, want["['params']" + k], err_msg=k)
+
+  folder = tmp_path / "converted"
+  export = ("import sys; sys.path.insert(0, {repo!r}); import a2jax; from a2jax import checkpoints, "
+            "configs; from a2jax.train import checkpointing; "
+            "checkpoints.save_params({folder!r} + '/transformer', "
+            "checkpointing.trained_params({ckpts!r})); "
+            "checkpoints.write_config({folder!r}, configs.load({config!r}))").format(
+                repo=str(REPO), folder=str(folder), ckpts=str(run_dir / "checkpoints"),
+                config=str(run_dir / "config.yaml"))
+  one_device = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run([sys.executable, "-c", export], cwd=REPO, env=one_device,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run(one_device, run_args(tmp_path / "runs", data_dir, "init", f"init_from={folder}",
+                                  "steps=3"))
+  assert proc.returncode == 0 and f"starting from {folder}" in proc.stdout, proc.stderr[-3000:]
+
+  moved = tmp_path / "moved"
+  shutil.copytree(run_dir, moved / "two")
+  shutil.rmtree(moved / "two" / "checkpoints" / str(STEPS))
+  four = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = run(four, run_args(moved, data_dir, "two"))
+  assert proc.returncode == 0 and "resumed from step 3" in proc.stdout, proc.stderr[-3000:]
+  resumed, original = read_metrics(moved / "two"), read_metrics(run_dir)
+  np.testing.assert_allclose([m["loss"] for m in resumed], [m["loss"] for m in original], rtol=1e-5)
 
 
 def test_bad_override_is_one_line(env):

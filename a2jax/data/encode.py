@@ -23,7 +23,9 @@ on the data/fsdp axes. Output shard k holds the records at stored positions [k·
 written to a temporary file and renamed, so after an interruption the same command skips the
 shards already written and finishes the rest (`encode.json` in OUT records the settings; a resume
 with different ones is refused). `spec.json` is written last. On several hosts every process runs
-the same loop (the models are sharded over all of them) and process 0 writes.
+the same command and loop (the models are sharded over all of them; processes join as in train.py,
+README "Multi-host") and process 0 writes; `--distributed` makes a process that finds no others
+stop with an error instead of encoding alone.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import tqdm
 from array_record.python import array_record_module
 from jax.experimental import multihost_utils
 
-from a2jax import checkpoints, conditioning, preprocess, sharding, text
+from a2jax import checkpoints, conditioning, distributed, preprocess, sharding, text
 from a2jax.configs import Config
 from a2jax.data import encoded, pipeline, triplets
 from a2jax.errors import InputError, run_main
@@ -204,7 +206,11 @@ def encode_dataset(src: str | pathlib.Path, encoder: Encoder, dst: str | pathlib
               "target_posterior": encoder.target_posterior,
               "condition_posterior": cfg.sampling.condition_posterior,
               "features": features(cfg, num_references)}
-  _check_run(dst, settings, writer)
+  # every process checks an earlier run's settings before process 0 (re)writes them
+  _check_run(dst, settings, write=False)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("a2jax.data.encode: settings checked")
+  _check_run(dst, settings, write=writer)
   num_shards = math.ceil(len(ds) / records_per_shard)
   names = [encoded.shard_name(k, num_shards) for k in range(num_shards)]
   done = {k for k in range(num_shards) if (dst / names[k]).is_file()}
@@ -262,12 +268,17 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--target-posterior", choices=POSTERIORS, default="mean",
                       help="the clip's latents: the VAE posterior mean (default) or a sample")
   parser.add_argument("--distributed", action="store_true",
-                      help="multi-host: call jax.distributed.initialize() (run on every host)")
+                      help="one of several processes (run the same command on every host): "
+                           "refuse to run alone when no multi-process setting is found")
   parser.add_argument("overrides", nargs="*",
-                      help="config key=value (data.frames=81, data.seed=0, mesh.fsdp=8)")
+                      help="config key=value (data.frames=81, data.seed=0, mesh.fsdp=8, "
+                           "distributed.coordinator_address=host:port …)")
   args = parser.parse_args(argv)
-  if args.distributed:
-    jax.distributed.initialize()
+  distributed.initialize(checkpoints.read_config(args.checkpoint, args.overrides).distributed)
+  if args.distributed and jax.process_count() == 1:
+    raise InputError("--distributed, but no other process was found: set distributed.* (or "
+                     "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every "
+                     "process, or run on a TPU pod slice, SLURM or Open MPI")
   encoder = Encoder.from_folder(args.checkpoint, args.overrides,
                                 target_posterior=args.target_posterior)
   encode_dataset(args.src, encoder, args.dst, split=args.split,

@@ -1,7 +1,7 @@
-"""Batches for train.py: encoded records (a2jax.data.encoded) or synthetic ones, per host, then
-assembled into global arrays on the batch shardings.
-
-Both sources are grain iterators with `get_state()` / `set_state()`, checkpointed with the run.
+"""Batches for train.py: encoded records (a2jax.data.encoded) or synthetic ones, each process
+reading the rows of the global batch that its devices hold, assembled into global arrays on the
+batch shardings. The global batch of a step is a function of the step alone (not of the number of
+processes), so the data position of a checkpoint is its step.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from a2jax import conditioning, sharding
 from a2jax.configs import Config
-from a2jax.data.encoded import encoded_loader
+from a2jax.data.encoded import encoded_dataset
 from a2jax.errors import ConfigError
 
 CLIP_TOKENS_PER_REFERENCE = 257
@@ -50,48 +50,56 @@ def synthetic_record(shapes: dict[str, tuple[int, ...]], num_refs: int, seed: in
           "text": text, "image": rng.standard_normal(shapes["image"], np.float32)}
 
 
-def synthetic_loader(cfg: Config, *, batch_size: int, shard_index: int = 0) -> Iterator[Any]:
-  """An endless grain iterator of this host's synthetic batches (records seeded by data.seed and
-  the host index)."""
-  shapes = record_shapes(cfg)
-  seed = [cfg.data.seed, shard_index]
-  ds = grain.MapDataset.range(1 << 40).map(
-      lambda i: synthetic_record(shapes, cfg.data.synthetic_refs, seed, int(i)))
-  return iter(ds.batch(batch_size, drop_remainder=True).to_iter_dataset())
-
-
-def host_rows(batch_size: int, mesh: Mesh) -> tuple[int, int]:
-  """(shard_index, shard_count) of this host's rows of a global batch sharded by the "batch" rule:
-  the rows its devices hold are block `shard_index` of `shard_count` equal blocks. Hosts whose
-  devices hold the same rows (batch not split over them) get the same block, hence read the same
-  records."""
-  rows = NamedSharding(mesh, sharding.logical_to_spec(("batch",), (batch_size,), mesh))
-  held = sorted({index[0].indices(batch_size)[:2]
-                 for index in rows.addressable_devices_indices_map((batch_size,)).values()})
-  start, stop = held[0][0], held[-1][1]
-  if sum(b - a for a, b in held) != stop - start or batch_size % (stop - start) or start % (stop - start):
-    raise ConfigError(f"this host's devices hold rows {held} of the batch of {batch_size}: not one "
-                      "aligned block; order the mesh so each host's devices are contiguous in batch")
-  return start // (stop - start), batch_size // (stop - start)
-
-
-def host_loader(cfg: Config, mesh: Mesh) -> Iterator[Any]:
-  """This host's iterator of {name: (rows, ...) float32} batches: the rows of the global batch
-  (train.batch_size) that its devices hold (see `host_rows`)."""
-  index, count = host_rows(cfg.train.batch_size, mesh)
-  rows = cfg.train.batch_size // count
-  if cfg.data.source == "synthetic":
-    return synthetic_loader(cfg, batch_size=rows, shard_index=index)
+def record_dataset(cfg: Config) -> grain.MapDataset:
+  """The run's endless sequence of records, by global position: the same for any number of
+  processes. Encoded: data.data_dir shuffled anew each epoch (data.seed), CFG dropout drawn per
+  position; synthetic: `synthetic_record(…, data.seed, position)`."""
   data = cfg.data
-  return encoded_loader(data.data_dir, batch_size=rows, seed=data.seed, shard_index=index,
-                        shard_count=count, text_dropout=data.text_dropout,
-                        ref_dropout=data.ref_dropout, num_threads=data.num_threads,
-                        prefetch=data.prefetch)
+  if data.source == "synthetic":
+    shapes = record_shapes(cfg)
+    return grain.MapDataset.range(1 << 62).map(
+        lambda i: synthetic_record(shapes, data.synthetic_refs, data.seed, int(i)))
+  return encoded_dataset(data.data_dir, seed=data.seed, text_dropout=data.text_dropout,
+                         ref_dropout=data.ref_dropout)
 
 
-def global_batch(local: dict[str, np.ndarray], shardings: dict[str, Any],
-                 batch_size: int) -> dict[str, jax.Array]:
-  """This host's rows → global arrays of `batch_size` rows on the batch shardings."""
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v),
-                                                    (batch_size, *np.shape(v)[1:]))
-          for k, v in local.items()}
+def host_row_indices(batch_size: int, mesh: Mesh) -> np.ndarray:
+  """The rows of a global batch sharded by the "batch" rule that this process's devices hold,
+  ascending. On a mesh whose batch axes span processes they need not be contiguous (process 0 of
+  2 may hold rows 0–3 and 8–11), so they come from the sharding's addressable indices."""
+  rows = NamedSharding(mesh, sharding.logical_to_spec(("batch",), (batch_size,), mesh))
+  held = set()
+  for index in rows.addressable_devices_indices_map((batch_size,)).values():
+    held.update(range(*index[0].indices(batch_size)))
+  return np.array(sorted(held))
+
+
+def host_loader(cfg: Config, mesh: Mesh, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """This process's batches {name: (rows, ...) float32} of steps start_step + 1, start_step + 2, …:
+  step s's global batch is the records at positions (s − 1)·B … s·B − 1 (B = train.batch_size), of
+  which this process reads only the rows it holds (`host_row_indices`). The data position is the
+  step, so a run resumes (or moves to another process count) at the batch it stopped at."""
+  records = record_dataset(cfg)
+  batch_size = cfg.train.batch_size
+  rows = host_row_indices(batch_size, mesh)
+
+  def host_batch(step: int) -> dict[str, np.ndarray]:
+    picked = [records[int(step) * batch_size + int(r)] for r in rows]
+    return {k: np.stack([record[k] for record in picked]) for k in picked[0]}
+
+  options = grain.ReadOptions(num_threads=cfg.data.num_threads,
+                              prefetch_buffer_size=cfg.data.prefetch)
+  return iter(grain.MapDataset.range(start_step, 1 << 62).map(host_batch).to_iter_dataset(options))
+
+
+def global_batch(local: dict[str, np.ndarray], shardings: dict[str, Any], batch_size: int,
+                 rows: np.ndarray) -> dict[str, jax.Array]:
+  """This process's rows (`rows`: their global indices, ascending, as `host_row_indices` gives)
+  → global arrays of `batch_size` rows on the batch shardings."""
+  def array(sharding, value):
+    value = np.asarray(value)
+    # a device's block of global rows → their positions in this process's rows
+    local_rows = lambda index: np.searchsorted(rows, np.arange(batch_size)[index[0]])
+    return jax.make_array_from_callback((batch_size, *value.shape[1:]), sharding,
+                                        lambda index: value[local_rows(index)])
+  return {k: array(shardings[k], v) for k, v in local.items()}
