@@ -16,6 +16,7 @@ import dataclasses
 import os
 import sys
 import threading
+import time
 
 from a2jax.configs import DistributedConfig
 from a2jax.errors import ConfigError
@@ -26,7 +27,13 @@ ENVIRONMENT = {"coordinator_address": "JAX_COORDINATOR_ADDRESS",
 # exit status of a process that stops because another one was lost
 LOST_PROCESS_EXIT = 3
 
-_heartbeat_timeout: int | None = None  # of the initialized run; None: one process
+# Liveness beats of every process (a counter each in the coordination service's key-value store):
+# a process whose counter stands still for LOST_AFTER seconds is lost. Faster than JAX's heartbeat
+# check, whose detection aborts the survivors instead of letting them say what happened.
+BEAT_SECONDS = 0.5
+LOST_AFTER = 3.0
+
+_client = None  # the coordination service's client once several processes joined
 
 
 def cluster_environment() -> bool:
@@ -80,7 +87,7 @@ def resolve(cfg: DistributedConfig, environ=None) -> DistributedConfig:
 def initialize(cfg: DistributedConfig) -> None:
   """Joins the other processes (`jax.distributed.initialize`) when there are several (see the
   module docstring); no-op for one process or when already joined. Call before any device use."""
-  global _heartbeat_timeout
+  global _client
   import jax
   from jax._src import distributed as jax_distributed
   cfg = resolve(cfg)
@@ -97,40 +104,67 @@ def initialize(cfg: DistributedConfig) -> None:
     jax.distributed.initialize(**timeouts)
   else:
     return
-  _heartbeat_timeout = cfg.heartbeat_timeout
+  _client = jax_distributed.global_state.client
+  _start_beating(_client, jax.process_index())
+
+
+def _beat_key(process: int) -> str:
+  return f"a2jax/alive/{process}"
+
+
+def _start_beating(client, process: int) -> None:
+  """A daemon thread that counts up this process's key in the coordination service's store every
+  BEAT_SECONDS: how the others tell, in seconds, whether it still runs."""
+  def beat():
+    while True:
+      try:
+        client.key_value_increment(_beat_key(process), 1)
+      except Exception:  # the service is gone; the main thread finds out by itself
+        return
+      time.sleep(BEAT_SECONDS)
+  threading.Thread(target=beat, name="a2jax-liveness", daemon=True).start()
+
+
+def _lost_processes(client, count: int) -> list[int]:
+  """The processes whose beat stopped: read every counter twice, LOST_AFTER seconds apart. The
+  coordination service lives in process 0: when it does not answer, process 0 is the lost one."""
+  def read() -> dict[int, str | None]:
+    beats = {}
+    for process in range(count):
+      try:
+        beats[process] = client.key_value_try_get(_beat_key(process))
+      except Exception as e:
+        if "NOT_FOUND" not in str(e):
+          raise
+        beats[process] = None
+    return beats
+  try:
+    before = read()
+    time.sleep(LOST_AFTER)
+    after = read()
+  except Exception:
+    return [0]
+  return [p for p in range(count) if after[p] is None or after[p] == before[p]]
 
 
 def stop_if_process_lost(error: BaseException) -> None:
   """Called with an exception of a multi-process run: when processes were lost (a collective
   failed because a peer died), prints one line naming them and ends this process with
-  LOST_PROCESS_EXIT, skipping JAX's shutdown barrier (which would abort after the heartbeat
-  timeout). Returns when this is one process or every process is alive.
+  LOST_PROCESS_EXIT, before the coordination service's own heartbeat check would abort it. Returns
+  (after LOST_AFTER seconds) when this is one process or every process still beats.
 
-  Which processes are alive is asked of the coordination service, which knows once a process has
-  missed heartbeats for `heartbeat_timeout` seconds: the stop takes at most that long (plus a
-  margin). A lost process 0 takes the coordination service with it: the others then end at once
-  with JAX's own fatal message ("the JAX distributed service detected fatal errors"), which this
+  A lost process 0 takes the coordination service with it: the others then end at once with
+  JAX's own fatal message ("the JAX distributed service detected fatal errors"), which this
   cannot intercept."""
-  if _heartbeat_timeout is None:
+  if _client is None:
     return
   import jax
-  from jax._src import distributed as jax_distributed
-  client, count = jax_distributed.global_state.client, jax.process_count()
-  live: dict = {}
-
-  def ask():  # a barrier among the live processes: it returns once the lost ones are known
-    live.update(client.get_live_nodes(list(range(count))))
-
-  asker = threading.Thread(target=ask, daemon=True)
-  asker.start()
-  asker.join(_heartbeat_timeout + 30)
-  lost = sorted(set(range(count)) - set(live)) if live else None
-  if lost == []:
+  count = jax.process_count()
+  lost = _lost_processes(_client, count)
+  if not lost:
     return
-  who = (f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of {count}"
-         if lost else f"the other processes (of {count}) did not answer within "
-                      f"{_heartbeat_timeout + 30} s")
-  print(f"error: lost {who} ({type(error).__name__}: {str(error).splitlines()[0][:160]}); this "
-        f"process {jax.process_index()} stops: restart every process with the same command, a "
-        "training run resumes from its last checkpoint", file=sys.stderr, flush=True)
+  print(f"error: lost process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of "
+        f"{count} ({type(error).__name__}: {str(error).splitlines()[0][:160]}); this process "
+        f"{jax.process_index()} stops: restart every process with the same command, a training run "
+        "resumes from its last checkpoint", file=sys.stderr, flush=True)
   os._exit(LOST_PROCESS_EXIT)

@@ -4,7 +4,8 @@ run, init_from), and as 2 processes × 4 devices (tests/multiprocess.py, DESIGN.
 losses as one process, preemption by SIGTERM and SIGKILL of both processes resumed bit for bit, a
 lost process, and the checkpoint restored onto 8, 4 and 1 devices.
 
-The runs share one persistent compilation cache, so only the first of each device count compiles.
+The runs share the session's persistent compilation cache (tests/conftest.py), so only the first
+of each device count compiles the train step.
 """
 
 import importlib.util
@@ -15,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -70,11 +72,9 @@ sys.exit(run_main(train.main, argv))
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("jax_cache")
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def env():
+  """The runs' environment: the session's (tests/conftest.py: CPU, its compilation cache)."""
+  return dict(os.environ, JAX_PLATFORMS="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -251,12 +251,17 @@ def test_a_lost_process_stops_the_other_with_one_line(tmp_path, env, data_dir):
   """Process 1 SIGKILLed mid-run: process 0 ends within the heartbeat timeout with one line naming
   it (exit status 3), no abort."""
   out, driver = tmp_path / "runs", write_driver(tmp_path)
+  heartbeat = 10
   args = run_args(out, data_dir, "lost", "steps=100000", "checkpoint_every=1000",
-                  "distributed.heartbeat_timeout=5")
+                  f"distributed.heartbeat_timeout={heartbeat}")
   with multiprocess.Processes(two_process_args(lambda i: ["die", "3"] if i else ["none", "0"],
                                                *args, driver=driver),
                               log_dir=tmp_path, env=env) as procs:
-    finished = procs.wait(300)
+    procs.wait_for(lambda: procs.procs[1].poll() is not None, 300, "process 1 killing itself")
+    died = time.monotonic()
+    finished = procs.wait(heartbeat + 30)
+    stopped_after = time.monotonic() - died
+  assert stopped_after < heartbeat, stopped_after
   assert finished[1].returncode == -signal.SIGKILL, procs.all_logs()
   assert finished[0].returncode == 3, procs.all_logs()
   last = finished[0].log.strip().splitlines()[-1]
