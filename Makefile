@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -rs --durations=25 $(PYTEST_ARGS) tests
 
 # Everything but the slow ahead-of-time compiles of the full-size model.
 test-fast: $(STAMP)
