@@ -6,8 +6,15 @@ carry NamedShardings on that topology's mesh and compiled, so nothing real is al
 back: compile time, the per-chip memory of `compiled.memory_analysis()`, and an analytic FLOP
 count (XLA's cost analysis counts a scanned layer loop once and Pallas kernels not at all).
 
+TPU targets are libtpu topologies, chips per dimension: `v5p:2x2x1` is 4 chips on one host, the
+slice sold as v5p-8 (v5p-N counts TensorCores, 2 per chip), `v5p:2x2x2` a v5p-16 (8 chips, 2 hosts),
+`v5p:4x4x4` a v5p-128 (64 chips, 16 hosts); v6e-N and v5e-N count chips (`v6e:2x4` is a v6e-8).
+
 One compile per process (a compiler keeps its caches): tests call the CLI in a subprocess,
     python -m a2jax.aot --target tpu:v5p:2x2x2 --mesh fsdp=2,context=4 --attention splash
+(the sampling forward on a v5p-16), or for the full fine-tune's step on a v5p-8
+    python -m a2jax.aot --program train_step --preset a2_14b_train --target tpu:v5p:2x2x1 \
+        --mesh fsdp=4 --batch 4 [train.moments_dtype=float32]
 which prints one JSON line {"compile_s", "peak_bytes", "flops", ...}, or {"error": ...} with exit
 status 1 when the compiler refuses the program.
 """
@@ -97,8 +104,8 @@ def cuda_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def target_devices(target: str) -> list[Any]:
-  """Devices of `tpu:<topology>` (e.g. tpu:v5p:2x2x2, one chip: tpu:v6e:1x1) or
-  `cuda:<hosts>x<gpus>` (e.g. cuda:1x8)."""
+  """Devices of `tpu:<topology>` (e.g. tpu:v5p:2x2x1, the 4 chips of a v5p-8; one chip:
+  tpu:v6e:1x1) or `cuda:<hosts>x<gpus>` (e.g. cuda:1x8)."""
   from jax.experimental import topologies
   platform, _, name = target.partition(":")
   if platform == "tpu":
@@ -113,7 +120,7 @@ def target_devices(target: str) -> list[Any]:
       desc = topologies.get_topology_desc(platform="cuda", topology_name="",
                                           topology=f"1x{hosts}x{gpus}", target_config=f.read())
     return list(desc.devices)
-  raise ConfigError(f"target {target!r}: use tpu:<topology> (tpu:v5p:2x2x2) or cuda:1x8")
+  raise ConfigError(f"target {target!r}: use tpu:<topology> (tpu:v5p:2x2x1) or cuda:1x8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +289,9 @@ def compile_sampling_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence
 
 def train_step_args(cfg: configs.Config, mesh, video: VideoShape):
   """(optimizer, state shardings, (state, batch, rng)) of `a2jax.train.step` for `video.batch`
-  encoded samples, as sharded ShapeDtypeStructs: float32 master params and Adam state (with
-  train.lora: float32 adapters and their Adam state, the frozen base in its param dtype)."""
+  encoded samples, as sharded ShapeDtypeStructs: float32 master params and Adam's moments in
+  train.moments_dtype (with train.lora: float32 adapters and their Adam state, the frozen base in
+  its param dtype)."""
   from a2jax.train import optimizer, state as train_state, step as train_step
   tx = optimizer.make_optimizer(cfg.train)
   abstract, shardings = train_state.abstract_state(cfg.transformer, tx, mesh,
@@ -349,7 +357,9 @@ def _mesh_arg(text: str) -> MeshConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m a2jax.aot", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--target", required=True, help="tpu:v5p:2x2x2 or cuda:1x8")
+  parser.add_argument("--target", required=True,
+                      help="tpu:<topology> in chips, e.g. tpu:v5p:2x2x1 (a v5p-8: 4 chips; v5p-N "
+                      "counts 2 TensorCores per chip), tpu:v6e:2x4 (a v6e-8); or cuda:1x8")
   parser.add_argument("--mesh", type=_mesh_arg, default=MeshConfig(), help="e.g. fsdp=2,context=4")
   parser.add_argument("--attention", choices=("xla", "cudnn", "splash"), default=None)
   parser.add_argument("--preset", default="a2_14b")
@@ -362,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--width", type=int, default=VideoShape.width)
   parser.add_argument("--batch", type=int, default=VideoShape.batch)
   parser.add_argument("--refs", type=int, default=3, help="reference images (257 CLIP tokens each)")
-  parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+  parser.add_argument("overrides", nargs="*", help="section.key=value config overrides, e.g. "
+                      "train.moments_dtype=float32")
   args = parser.parse_args(argv)
   if args.target.startswith("cuda:") and platforms.cuda_plugin_blocked():
     # This process started without the CUDA plugin (no GPU here): start again with it.
