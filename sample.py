@@ -7,8 +7,14 @@ Many videos with one compiled program: `--jobs jobs.jsonl`, one JSON object per 
   {"prompt": "...", "refs": ["man.png", "bear.png"], "background": "forest.png", "out": "a.mp4",
    "negative_prompt": "...", "seed": 7}
 (`background`, `negative_prompt` and `seed` are optional; relative paths are relative to the jobs
-file). Flags not given take the checkpoint's `sampling:` config; trailing `key=value` arguments
-override any config field (e.g. `transformer.attention=splash mesh.tensor=4`).
+file). Jobs run `--batch B` at a time through one compiled program (default: the size of the
+mesh's data axis); jobs with the same number of reference images (background included) share
+batches, in file order, and the last short batch of each count repeats its last job.
+
+Several processes (TPU pod hosts, GPU nodes): run the same command on every process (README
+"Multi-host"); process 0 writes the videos and shows the progress. Flags not given take the
+checkpoint's `sampling:` config; trailing `key=value` arguments override any config field (e.g.
+`transformer.attention=splash mesh.tensor=4`).
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ import time
 
 import numpy as np
 
-from a2jax import conditioning, configs, preprocess, video
-from a2jax.errors import A2JaxError, InputError
+from a2jax import conditioning, configs, errors, preprocess, video
+from a2jax.errors import InputError
 
 JOB_KEYS = ("prompt", "refs", "background", "out", "negative_prompt", "seed")
 SAMPLING_FLAGS = ("frames", "height", "width", "steps", "guidance", "shift", "seed", "sampler",
@@ -53,6 +59,8 @@ def parse_args(argv):
   p.add_argument("--negative-prompt", help="default: the release's negative prompt")
   p.add_argument("--jobs", type=pathlib.Path, help="JSONL file of jobs (see above) instead of "
                  "--prompt/--ref/--background/--out")
+  p.add_argument("--batch", type=int, help="videos per compiled program (default: the mesh's data "
+                 "axis size); rows are sharded over the mesh's data and fsdp axes")
   p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (release: 81)")
   p.add_argument("--height", type=int, help="multiple of 16 (release: 480)")
   p.add_argument("--width", type=int, help="multiple of 16 (release: 832)")
@@ -149,16 +157,38 @@ def read_jobs(args) -> list[Job]:
 
 def validate(jobs: list[Job], sampling: configs.SamplingConfig) -> None:
   """Everything that can be checked before a model is loaded."""
+  outs = set()
   for job in jobs:
     if not job.prompt.strip():
       raise InputError(f"empty prompt for {job.out}: describe the video to generate")
-    conditioning.check_reference_count(len(job.refs) + (job.background is not None), sampling.frames)
+    conditioning.check_reference_count(num_refs(job), sampling.frames)
     for path in [*job.refs, *([job.background] if job.background else [])]:
       if not path.is_file():
         raise InputError(f"reference image {path} does not exist")
       preprocess.load_image(path)  # readable, or a one-line InputError
     if job.out.suffix.lower() != ".mp4":
       raise InputError(f"--out {job.out}: the output must be an .mp4 file")
+    if job.out.resolve() in outs:
+      raise InputError(f"two jobs write {job.out}: give every job its own 'out'")
+    outs.add(job.out.resolve())
+
+
+def num_refs(job: Job) -> int:
+  return len(job.refs) + (job.background is not None)
+
+
+def batches(jobs: list[Job], size: int) -> list[list[Job]]:
+  """Jobs in batches of `size` that share their reference count N (in file order within one N);
+  the last short batch of each N is filled with its last job, so that one program fits all."""
+  groups: dict[int, list[Job]] = {}
+  for job in jobs:
+    groups.setdefault(num_refs(job), []).append(job)
+  out = []
+  for group in groups.values():
+    for start in range(0, len(group), size):
+      chunk = group[start:start + size]
+      out.append(chunk + [chunk[-1]] * (size - len(chunk)))
+  return out
 
 
 def sampling_config(args, base: configs.SamplingConfig) -> configs.SamplingConfig:
@@ -177,19 +207,29 @@ def grid_frames(frames: np.ndarray, references: list[np.ndarray]) -> np.ndarray:
   return np.stack([np.concatenate([row, f], axis=1) for f in frames])
 
 
-def calibrate(pipe, jobs: list[Job], sampling: configs.SamplingConfig, out: pathlib.Path) -> int:
-  """MagCache's curve of full runs of the jobs (their mean), written for --cache-calibration."""
+def request(job: Job):
+  """The job as an A2Pipeline request, its images loaded."""
+  from a2jax.pipeline import Request
+  return Request(job.prompt, [preprocess.load_image(p) for p in job.refs],
+                 preprocess.load_image(job.background) if job.background else None,
+                 job.negative_prompt, job.seed)
+
+
+def calibrate(pipe, jobs: list[Job], sampling: configs.SamplingConfig, out: pathlib.Path,
+              writer: bool) -> int:
+  """MagCache's curve of full runs of the jobs (their mean), written for --cache-calibration by
+  the `writer` process."""
   from a2jax import step_cache
   curves = []
   for job in jobs:
-    refs = [preprocess.load_image(p) for p in job.refs]
-    background = preprocess.load_image(job.background) if job.background else None
+    r = request(job)
     job_sampling = sampling if job.seed is None else dataclasses.replace(sampling, seed=job.seed)
-    curves.append(pipe.calibrate(job.prompt, refs, background, negative_prompt=job.negative_prompt,
-                                 sampling=job_sampling))
-  step_cache.write_calibration(out, np.mean(curves, axis=0), sampling)
-  print(f"wrote {out} ({len(curves[0])} steps, {len(jobs)} job(s)): sample with --cache mag "
-        f"--cache-calibration {out}", file=sys.stderr)
+    curves.append(pipe.calibrate(r.prompt, r.references, r.background,
+                                 negative_prompt=r.negative_prompt, sampling=job_sampling))
+  if writer:
+    step_cache.write_calibration(out, np.mean(curves, axis=0), sampling)
+    print(f"wrote {out} ({len(curves[0])} steps, {len(jobs)} job(s)): sample with --cache mag "
+          f"--cache-calibration {out}", file=sys.stderr)
   return 0
 
 
@@ -203,49 +243,67 @@ def read_loras(specs: list[str], cfg: configs.TransformerConfig):
   return loaded
 
 
-def main(argv=None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    from a2jax import checkpoints, pipeline, sharding
-    folder = pathlib.Path(args.checkpoint)
-    pipeline.check_folder(folder)
-    overrides = [*mesh_overrides(args.mesh), *args.overrides]
-    if args.weights:
-      overrides.append(f"transformer.weights={args.weights}")
-    cfg = checkpoints.read_config(folder, overrides)
-    sampling = sampling_config(args, cfg.sampling)
-    jobs = read_jobs(args)
-    validate(jobs, sampling)
-    loras = read_loras(args.lora, cfg.transformer)
+def sample(argv) -> int:
+  args = parse_args(argv)
+  if args.batch is not None and args.batch < 1:
+    raise InputError(f"--batch {args.batch}: give the number of videos per compiled program "
+                     "(≥ 1)")
+  from a2jax import checkpoints, distributed, pipeline, sharding
+  folder = pathlib.Path(args.checkpoint)
+  pipeline.check_folder(folder)
+  overrides = [*mesh_overrides(args.mesh), *args.overrides]
+  if args.weights:
+    overrides.append(f"transformer.weights={args.weights}")
+  cfg = checkpoints.read_config(folder, overrides)
+  distributed.initialize(cfg.distributed)  # before anything touches a device
+  sampling = sampling_config(args, cfg.sampling)
+  jobs = read_jobs(args)
+  validate(jobs, sampling)
+  loras = read_loras(args.lora, cfg.transformer)
 
-    start = time.perf_counter()
-    mesh = sharding.make_mesh(cfg.mesh)
-    pipe = pipeline.A2Pipeline.from_folder(folder, mesh=mesh, overrides=overrides, loras=loras)
-    load_seconds = time.perf_counter() - start
-    if args.calibrate is not None:
-      return calibrate(pipe, jobs, sampling, args.calibrate)
-    totals: dict[str, float] = {}
-    for number, job in enumerate(jobs, 1):
-      refs = [preprocess.load_image(p) for p in job.refs]
-      background = preprocess.load_image(job.background) if job.background else None
-      job_sampling = sampling if job.seed is None else dataclasses.replace(sampling, seed=job.seed)
-      result = pipe(job.prompt, refs, background, negative_prompt=job.negative_prompt,
-                    sampling=job_sampling, progress=not args.no_progress)
-      video.write_mp4(job.out, result.frames[0], sampling.fps)
+  import jax
+  writer = jax.process_index() == 0  # the one process that writes files and shows progress
+  start = time.perf_counter()
+  mesh = sharding.make_mesh(cfg.mesh)
+  pipe = pipeline.A2Pipeline.from_folder(folder, mesh=mesh, overrides=overrides, loras=loras)
+  load_seconds = time.perf_counter() - start
+  if args.calibrate is not None:
+    return calibrate(pipe, jobs, sampling, args.calibrate, writer)
+  size = args.batch or mesh.shape["data"]
+  totals: dict[str, float] = {}
+  written = 0
+  for batch in batches(jobs, size):
+    requests = [request(job) for job in batch]
+    result = pipe.generate(requests, sampling=sampling,
+                           progress=not args.no_progress and writer)
+    for k, v in result.timings.items():
+      totals[k] = totals.get(k, 0.0) + v
+    for row, job in unique_rows(batch):
+      written += 1
+      if not writer:
+        continue
+      frames, r = result.frames[row], requests[row]
+      video.write_mp4(job.out, frames, sampling.fps)
       if args.grid:
-        grid = grid_frames(result.frames[0], refs + ([background] if background is not None else []))
-        video.write_mp4(job.out.with_name(job.out.stem + "_grid.mp4"), grid, sampling.fps)
-      for k, v in result.timings.items():
-        totals[k] = totals.get(k, 0.0) + v
-      print(f"[{number}/{len(jobs)}] wrote {job.out} ({result.frames.shape[1]} frames, "
+        refs = [*r.references, *([r.background] if r.background is not None else [])]
+        video.write_mp4(job.out.with_name(job.out.stem + "_grid.mp4"), grid_frames(frames, refs),
+                        sampling.fps)
+      print(f"[{written}/{len(jobs)}] wrote {job.out} ({frames.shape[0]} frames, "
             f"{sampling.height}×{sampling.width})", file=sys.stderr)
-  except A2JaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  stages = ", ".join(f"{k} {v:.1f}s" for k, v in totals.items() if k != "compile")
-  print(f"timings: load {load_seconds:.1f}s, compile {totals.get('compile', 0.0):.1f}s, {stages}",
-        file=sys.stderr)
+  if writer:
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in totals.items() if k != "compile")
+    print(f"timings: load {load_seconds:.1f}s, compile {totals.get('compile', 0.0):.1f}s, "
+          f"{stages} ({len(jobs)} video(s), batch {size})", file=sys.stderr)
   return 0
+
+
+def unique_rows(batch: list[Job]) -> list[tuple[int, Job]]:
+  """(row, job) of each job of a batch once: the repeats that fill a short batch are left out."""
+  return [(row, job) for row, job in enumerate(batch) if all(job is not j for j in batch[:row])]
+
+
+def main(argv=None) -> int:
+  return errors.run_main(sample, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def target_devices(target: str) -> list[Any]:
 # Abstract arguments.
 
 
-def _abstract(shape, dtype, logical, mesh):
+def abstract_array(shape, dtype, logical, mesh):
+  """A ShapeDtypeStruct of `shape` sharded on `mesh` by its logical axis names."""
   spec = sharding.logical_to_spec(logical, shape, mesh)
   return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
@@ -147,12 +148,12 @@ def transformer_args(cfg: TransformerConfig, mesh, video: VideoShape) -> tuple[A
                         params, shardings)
   b, (f, h, w) = video.batch, video.latent_grid
   dtype = jnp.dtype(cfg.dtype)
-  x = _abstract((b, f, h, w, cfg.in_channels), jnp.float32,
+  x = abstract_array((b, f, h, w, cfg.in_channels), jnp.float32,
                 ("batch", "frames", "height", "width", "channels"), mesh)
-  t = _abstract((b,), jnp.float32, ("batch",), mesh)
-  text = _abstract((b, video.text_len, cfg.text_dim), dtype,
+  t = abstract_array((b,), jnp.float32, ("batch",), mesh)
+  text = abstract_array((b, video.text_len, cfg.text_dim), dtype,
                    ("batch", "context_tokens", "act_embed"), mesh)
-  image = _abstract((b, video.image_len, cfg.image_dim), dtype,
+  image = abstract_array((b, video.image_len, cfg.image_dim), dtype,
                     ("batch", "context_tokens", "act_embed"), mesh)
   return params, x, t, text, image
 
@@ -261,11 +262,11 @@ def sampling_step_args(cfg: configs.Config, mesh, video: VideoShape) -> tuple[An
   dtype = jnp.dtype(t.dtype)
   grid = ("batch", "frames", "height", "width", "channels")
   context = ("batch", "context_tokens", "act_embed")
-  return (params, _abstract((1, f, h, w, z), jnp.float32, grid, mesh),
-          _abstract((1, video.text_len, t.text_dim), dtype, context, mesh),
-          _abstract((1, video.text_len, t.text_dim), dtype, context, mesh),
-          _abstract((1, video.image_len, t.image_dim), dtype, context, mesh),
-          _abstract((1, f, h, w, t.in_channels - z), jnp.float32, grid, mesh))
+  return (params, abstract_array((1, f, h, w, z), jnp.float32, grid, mesh),
+          abstract_array((1, video.text_len, t.text_dim), dtype, context, mesh),
+          abstract_array((1, video.text_len, t.text_dim), dtype, context, mesh),
+          abstract_array((1, video.image_len, t.image_dim), dtype, context, mesh),
+          abstract_array((1, f, h, w, t.in_channels - z), jnp.float32, grid, mesh))
 
 
 def compile_sampling_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence[str] = (),
@@ -301,7 +302,7 @@ def train_step_args(cfg: configs.Config, mesh, video: VideoShape):
   t, b, (f, h, w), z = cfg.transformer, video.batch, video.latent_grid, cfg.vae.z_dim
   shapes = {"latents": (b, f, h, w, z), "condition": (b, f, h, w, t.in_channels - z),
             "text": (b, video.text_len, t.text_dim), "image": (b, video.image_len, t.image_dim)}
-  batch = {k: _abstract(v, jnp.float32, train_step.BATCH_LOGICAL_AXES[k], mesh)
+  batch = {k: abstract_array(v, jnp.float32, train_step.BATCH_LOGICAL_AXES[k], mesh)
            for k, v in shapes.items()}
   key = jax.eval_shape(lambda: jax.random.key(0))
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype,
@@ -345,7 +346,8 @@ def compile_train_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence[st
 # CLI: one compile per process, one JSON line out.
 
 
-def _mesh_arg(text: str) -> MeshConfig:
+def mesh_arg(text: str) -> MeshConfig:
+  """`fsdp=4,context=2` → MeshConfig."""
   sizes = {}
   for item in filter(None, text.split(",")):
     key, _, value = item.partition("=")
@@ -360,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--target", required=True,
                       help="tpu:<topology> in chips, e.g. tpu:v5p:2x2x1 (a v5p-8: 4 chips; v5p-N "
                       "counts 2 TensorCores per chip), tpu:v6e:2x4 (a v6e-8); or cuda:1x8")
-  parser.add_argument("--mesh", type=_mesh_arg, default=MeshConfig(), help="e.g. fsdp=2,context=4")
+  parser.add_argument("--mesh", type=mesh_arg, default=MeshConfig(), help="e.g. fsdp=2,context=4")
   parser.add_argument("--attention", choices=("xla", "cudnn", "splash"), default=None)
   parser.add_argument("--preset", default="a2_14b")
   parser.add_argument("--program", choices=("forward", "sampling_step", "train_step"),

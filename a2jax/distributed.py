@@ -34,6 +34,8 @@ BEAT_SECONDS = 0.5
 LOST_AFTER = 3.0
 
 _client = None  # the coordination service's client once several processes joined
+_barriers = 0    # barriers passed: each gets its own name
+BARRIER_TIMEOUT_MS = 3_600_000  # a full-size compile on a busy host may take many minutes
 
 
 def cluster_environment() -> bool:
@@ -106,6 +108,18 @@ def initialize(cfg: DistributedConfig) -> None:
     return
   _client = jax_distributed.global_state.client
   _start_beating(_client, jax.process_index())
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `name`, through the coordination service (no device
+  collective); no-op for one process. After a compile: the first collective of a program sets up
+  its CPU (gloo) connections and gives up after 30 s, and processes can finish compiling far apart
+  (only process 0 writes the persistent compilation cache, so the others compile what it reads)."""
+  global _barriers
+  if _client is None:
+    return
+  _barriers += 1
+  _client.wait_at_barrier(f"a2jax/{_barriers}/{name}", BARRIER_TIMEOUT_MS)
 
 
 def _beat_key(process: int) -> str:

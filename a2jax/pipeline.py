@@ -10,8 +10,15 @@ pipe = A2Pipeline.from_folder("a2jax-14b", mesh=sharding.make_mesh(cfg.mesh))
 result = pipe("A man is holding a teddy bear in the forest.",
               references=[load_image("man.png"), load_image("bear.png")],
               background=load_image("forest.png"))
-result.frames   # uint8 (F − 4·N, H, W, 3)
+result.frames   # uint8 (1, F − 4·N, H, W, 3)
+result = pipe.generate([Request("A man walks.", [man], forest, seed=1),
+                        Request("A bear sits.", [bear], forest, seed=2)])
+result.frames   # uint8 (2, F − 4·N, H, W, 3): the same frames as the two videos one by one
 ```
+
+B videos per compiled program: every stage runs on the batch (rows sharded on the mesh's batch axes,
+"data" and "fsdp"), each row with its own prompt, negative prompt, references and seed. In several
+processes (a2jax.distributed) every process calls with the same requests and gets the whole batch.
 """
 
 from __future__ import annotations
@@ -28,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from a2jax import (checkpoints, conditioning, preprocess, schedulers, sharding, step_cache,
-                    text)
+from a2jax import (checkpoints, conditioning, distributed, preprocess, schedulers, sharding,
+                    step_cache, text)
 from a2jax.configs import Config, SamplingConfig
 from a2jax.errors import InputError
 from a2jax.models import clip as clip_model
@@ -50,12 +57,31 @@ TOKENIZER_DIR = "tokenizer"
 IMAGE_PROCESSOR_DIR = "image_processor"
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One video of a batch. `references` are the subject/object images (uint8 HWC, any of RGB, RGBA,
+  grayscale), `background` the scene; `negative_prompt` None: the sampling config's, else the
+  release's; `seed` None: the sampling config's."""
+
+  prompt: str
+  references: Sequence[np.ndarray] = ()
+  background: np.ndarray | None = None
+  negative_prompt: str | None = None
+  seed: int | None = None
+
+  @property
+  def num_refs(self) -> int:
+    """N: the references with the background."""
+    return len(self.references) + (self.background is not None)
+
+
 @dataclasses.dataclass
 class Conditioning:
   """Everything the denoiser needs for one batch of B videos.
 
   text, negative_text (B, T, text_dim); image (B, 257·N, image_dim); condition (B, f, h, w, 4 + z)
-  = mask ‖ normalised condition latents; num_refs N.
+  = mask ‖ normalised condition latents; num_refs N; noise_keys (B, 2) uint32: each row's keys for
+  samplers that draw noise at every step (`step_noise_keys` of its seed).
   """
 
   text: jax.Array
@@ -63,6 +89,7 @@ class Conditioning:
   image: jax.Array
   condition: jax.Array
   num_refs: int
+  noise_keys: np.ndarray
 
 
 @dataclasses.dataclass
@@ -76,9 +103,23 @@ def scheduler_for(sampling: SamplingConfig):
   return schedulers.for_sampling(sampling)
 
 
+def to_uint8(video: jax.Array) -> jax.Array:
+  """[−1, 1] → uint8 with rounding (what the release's export does via (x + 1)/2 · 255), on the
+  video's devices."""
+  return jnp.round((jnp.asarray(video, jnp.float32) + 1.0) * 127.5).clip(0, 255).astype(jnp.uint8)
+
+
 def video_to_uint8(video: jax.Array) -> np.ndarray:
-  """[−1, 1] → uint8 with rounding (what the release's export does via (x + 1)/2 · 255)."""
-  return np.asarray(jnp.round((jnp.asarray(video, jnp.float32) + 1.0) * 127.5).clip(0, 255), np.uint8)
+  """`to_uint8`, fetched to the host."""
+  return fetch(to_uint8(video))
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+  """The whole array on the host, also when it spans several processes (each gets all of it)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def guidance_branches(sampling: SamplingConfig) -> int:
@@ -218,14 +259,16 @@ class A2Pipeline:
 
   # -- conditioning ---------------------------------------------------------------------------
 
-  def encode_text(self, prompts: Sequence[str], negative_prompt: str | None):
-    negative = self.cfg.sampling.negative_prompt if negative_prompt is None else negative_prompt
-    negative = DEFAULT_NEGATIVE_PROMPT if negative is None else negative
-    ids, mask = text.tokenize(self.tokenizer, [*prompts, negative], self.cfg.umt5.max_length)
+  def encode_text(self, prompts: Sequence[str], negative_prompts: Sequence[str]
+                  ) -> tuple[jax.Array, jax.Array]:
+    """(text (B, T, text_dim), negative text (B, T, text_dim)): the B prompts and their negative
+    prompts as one umT5 batch of 2B."""
+    ids, mask = text.tokenize(self.tokenizer, [*prompts, *negative_prompts],
+                              self.cfg.umt5.max_length)
     states = self._run("umt5", functools.partial(text.encode_ids, cfg=self.cfg.umt5),
                        self.params["umt5"], ids, mask)
     b = len(prompts)
-    return states[:b], jnp.broadcast_to(states[b:], states[:b].shape)
+    return states[:b], states[b:]
 
   def reference_images(self, references: Sequence[np.ndarray], background: np.ndarray | None,
                        height: int, width: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -235,27 +278,64 @@ class A2Pipeline:
     vae_refs = conditioning.reference_pixels(originals, bg, height, width)
     return vae_refs, originals + ([bg] if bg is not None else [])
 
-  def condition(self, references: Sequence[np.ndarray], background: np.ndarray | None,
-                sampling: SamplingConfig, key: jax.Array | None = None):
-    """(image tokens (1, 257·N, D), condition (1, f, h, w, 4 + z), N) for one set of references."""
-    vae_refs, originals = self.reference_images(references, background, sampling.height,
-                                                sampling.width)
-    n = len(originals)
+  def condition(self, requests: Sequence[Request], sampling: SamplingConfig,
+                posterior_keys: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(image tokens (B, 257·N, D), condition (B, f, h, w, 4 + z)) of the requests' references
+    (one N for all); `posterior_keys` (one per row) draw the condition latents when
+    `sampling.condition_posterior` is "sample"."""
+    n = requests[0].num_refs
     conditioning.check_reference_count(n, sampling.frames)
-    clip_pixels = preprocess.clip_reference_pixels(originals, self.image_processor)
-    video = conditioning.condition_video(vae_refs, sampling.frames)[None]
+    videos, clip_pixels = [], []
+    for request in requests:
+      vae_refs, originals = self.reference_images(request.references, request.background,
+                                                  sampling.height, sampling.width)
+      videos.append(conditioning.condition_video(vae_refs, sampling.frames))
+      clip_pixels.append(preprocess.clip_reference_pixels(originals, self.image_processor))
     image = self._run("clip", lambda p, x: clip_model.encode_references(p, self.cfg.clip, x),
-                      self.params["clip"], clip_pixels[None])
+                      self.params["clip"], np.stack(clip_pixels))
     vae = WanVAE(self.cfg.vae)
     mean, logvar = self._run("vae_encode", lambda p, v: vae.apply({"params": p}, v, method=vae.encode),
-                             self.params["vae"], video)
+                             self.params["vae"], np.stack(videos))
     latents = mean
     if sampling.condition_posterior == "sample":
-      if key is None:
-        raise InputError("condition_posterior='sample' needs a key")
-      latents = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-    cond = conditioning.with_mask(normalize_latents(latents, self.cfg.vae), n, sampling.frames)
-    return image, cond, n
+      row = (1, *mean.shape[1:])  # each row's draw as in a run of its own
+      eps = np.concatenate([np.asarray(jax.random.normal(k, row, mean.dtype))
+                            for k in posterior_keys])
+      latents = mean + jnp.exp(0.5 * logvar) * eps
+    condition = conditioning.with_mask(normalize_latents(latents, self.cfg.vae), n, sampling.frames)
+    return image, condition
+
+  def prepare(self, requests: Sequence[Request], sampling: SamplingConfig,
+              timings: dict[str, float] | None = None) -> tuple[Conditioning, np.ndarray]:
+    """(the batch's conditioning, initial noise (B, f, h, w, z) float32): row b is what a run of
+    request b alone gets, its seed giving its noise, posterior and step-noise keys. `timings`, when
+    given, receives the seconds of encode_text / encode_references (compiles apart)."""
+    check_requests(requests)
+    seeds = [sampling.seed if r.seed is None else r.seed for r in requests]
+    noise_keys, posterior_keys = zip(*(jax.random.split(jax.random.key(s)) for s in seeds))
+    default = (DEFAULT_NEGATIVE_PROMPT if sampling.negative_prompt is None
+               else sampling.negative_prompt)
+    negatives = [default if r.negative_prompt is None else r.negative_prompt for r in requests]
+    text_states, negative_text = self._stage(timings, "encode_text", lambda: self.encode_text(
+        [r.prompt for r in requests], negatives))
+    image, condition = self._stage(timings, "encode_references", lambda: self.condition(
+        requests, sampling, posterior_keys))
+    row = (1, *condition.shape[1:4], self.cfg.vae.z_dim)
+    noise = np.concatenate([np.asarray(jax.random.normal(k, row, jnp.float32)) for k in noise_keys])
+    keys = np.concatenate([np.asarray(step_noise_keys(s, 1)) for s in seeds])
+    return Conditioning(text_states, negative_text, image, condition, requests[0].num_refs,
+                        keys), noise
+
+  def _stage(self, timings: dict[str, float] | None, name: str, fn: Callable[[], Any]) -> Any:
+    """fn()'s result, waited for; its seconds (compiles apart, under "compile") added to
+    `timings`."""
+    compile_before, start = self.compile_seconds, time.perf_counter()
+    out = jax.block_until_ready(fn())
+    if timings is not None:
+      compiled = self.compile_seconds - compile_before
+      timings[name] = timings.get(name, 0.0) + time.perf_counter() - start - compiled
+      timings["compile"] = timings.get("compile", 0.0) + compiled
+    return out
 
   def _compiled(self, name: str, fn: Callable, params: Any, *inputs: np.ndarray | jax.Array):
     """(executable of jitted `fn(params, *inputs)`, placed inputs): compiled once per (name, input
@@ -267,6 +347,7 @@ class A2Pipeline:
       if key not in self._programs:
         start = time.perf_counter()
         self._programs[key] = jax.jit(fn).lower(params, *inputs).compile()
+        distributed.barrier(f"compiled {name}")  # several processes start it together
         self.compile_seconds += time.perf_counter() - start
     return self._programs[key], inputs
 
@@ -276,23 +357,24 @@ class A2Pipeline:
 
   # -- denoising ------------------------------------------------------------------------------
 
-  def denoise(self, cond: Conditioning, noise: jax.Array, sampling: SamplingConfig,
-              progress: bool | Callable[[int, int], None] = True) -> jax.Array:
-    """Runs the compiled denoising loop (compiled once per sampling config and shape). `progress`:
-    True shows a tqdm bar; a callable is called as `progress(steps done, total steps)` instead."""
-    program = denoise_fn(self.cfg, sampling, on_step=self._report_step)
-    name = ("denoise", *denoise_program_key(sampling))
+  def denoise(self, cond: Conditioning, noise: np.ndarray | jax.Array, sampling: SamplingConfig,
+              progress: bool | Callable[[int, int], None] = True, with_stats: bool = False):
+    """Runs the compiled denoising loop (compiled once per sampling config and shape) from `noise`
+    (B, f, h, w, z) → latents (B, f, h, w, z), with `with_stats` also the `step_cache.StepStats`
+    of every step. `progress`: True shows a tqdm bar (on process 0); a callable is called as
+    `progress(steps done, total steps)` instead."""
+    program = denoise_fn(self.cfg, sampling, on_step=self._report_step, with_stats=with_stats)
+    name = ("denoise", with_stats, *denoise_program_key(sampling))
     params = self.params["transformer"]
     executable, inputs = self._compiled(name, program, params, noise, cond.text,
                                         cond.negative_text, cond.image, cond.condition,
-                                        step_noise_keys(sampling.seed, noise.shape[0]))
+                                        cond.noise_keys)
     self._bar = tqdm.tqdm(total=scheduler_for(sampling).num_steps, desc="denoise", unit="step",
-                          disable=progress is not True, leave=False)
+                          disable=progress is not True or jax.process_index() != 0, leave=False)
     self._on_progress = progress if callable(progress) else None
     self._steps_done = 0
     try:
-      out = executable(params, *inputs)
-      out.block_until_ready()
+      out = jax.block_until_ready(executable(params, *inputs))
       jax.effects_barrier()  # the last progress callbacks
     finally:
       self._bar.close()
@@ -306,16 +388,8 @@ class A2Pipeline:
     """One job's denoising (the seed's noise) with the per-step statistics of `denoise_fn`:
     (latents (1, f, h, w, z), StepStats of every step); decode with `decode`."""
     sampling = sampling or self.cfg.sampling
-    text_states, negative_text = self.encode_text([prompt], negative_prompt)
-    noise_key, posterior_key = jax.random.split(jax.random.key(sampling.seed))
-    image, condition, _ = self.condition(references, background, sampling, posterior_key)
-    noise = jax.random.normal(noise_key, (1, *condition.shape[1:4], self.cfg.vae.z_dim))
-    program = denoise_fn(self.cfg, sampling, with_stats=True)
-    params = self.params["transformer"]
-    executable, inputs = self._compiled(("denoise_stats", *denoise_program_key(sampling)), program,
-                                        params, noise, text_states, negative_text, image, condition,
-                                        step_noise_keys(sampling.seed, 1))
-    return executable(params, *inputs)
+    cond, noise = self.prepare([Request(prompt, references, background, negative_prompt)], sampling)
+    return self.denoise(cond, noise, sampling, progress=False, with_stats=True)
 
   def calibrate(self, prompt: str, references: Sequence[np.ndarray],
                 background: np.ndarray | None = None, *, negative_prompt: str | None = None,
@@ -326,7 +400,7 @@ class A2Pipeline:
     sampling = dataclasses.replace(sampling or self.cfg.sampling, cache="none")
     _, stats = self.denoise_with_stats(prompt, references, background,
                                        negative_prompt=negative_prompt, sampling=sampling)
-    return np.asarray(stats.mag_ratio)
+    return fetch(stats.mag_ratio)
 
   def _report_step(self, i) -> None:
     """Progress from inside the compiled loop; may run once per device, so it only moves forward."""
@@ -348,7 +422,7 @@ class A2Pipeline:
   def _mesh_context(self):
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-  # -- decode and the whole job ---------------------------------------------------------------
+  # -- decode and whole videos ----------------------------------------------------------------
 
   def decode(self, latents: jax.Array) -> jax.Array:
     """Normalised latents (B, f, h, w, z) → video (B, F, H, W, 3) in [−1, 1]."""
@@ -357,43 +431,50 @@ class A2Pipeline:
                                     method=vae.decode)
     return self._run("vae_decode", decode, self.params["vae"], latents)
 
+  def generate(self, requests: Sequence[Request], *, sampling: SamplingConfig | None = None,
+               noise: np.ndarray | None = None,
+               progress: bool | Callable[[int, int], None] = True) -> Result:
+    """B videos with one compiled program per stage: row b of the result is what request b alone
+    gives (same seed → same noise). All requests need the same number of references N (the
+    background counts). `noise` (B, f, h, w, z) replaces the seeds' noise; `progress` as in
+    `denoise`. In several processes every process passes the same requests and gets every row."""
+    sampling = sampling or self.cfg.sampling
+    timings = {"compile": 0.0}
+    cond, seed_noise = self.prepare(requests, sampling, timings)
+    if noise is None:
+      noise = seed_noise
+    elif tuple(noise.shape) != seed_noise.shape:
+      raise InputError(f"noise has shape {tuple(noise.shape)}; this batch needs {seed_noise.shape}")
+    latents = self._stage(timings, "denoise", lambda: self.denoise(
+        cond, np.asarray(noise, np.float32), sampling, progress))
+    frames = self._stage(timings, "decode", lambda: video_to_uint8(self.decode(latents)))
+    if sampling.drop_reference_frames:
+      frames = frames[:, conditioning.reference_frames_to_drop(cond.num_refs):]
+    return Result(frames, fetch(latents), timings)
+
   def __call__(self, prompt: str, references: Sequence[np.ndarray],
                background: np.ndarray | None = None, *, negative_prompt: str | None = None,
                noise: np.ndarray | None = None, sampling: SamplingConfig | None = None,
                progress: bool | Callable[[int, int], None] = True) -> Result:
-    """One video. `references` are the subject/object images (uint8 HWC, any of RGB, RGBA,
-    grayscale), `background` the scene; `noise` (1, f, h, w, z) replaces the seed's noise;
-    `progress` as in `denoise` (a tqdm bar, or `progress(step, total)` from inside the loop)."""
-    sampling = sampling or self.cfg.sampling
-    if not prompt or not prompt.strip():
-      raise InputError("the prompt is empty: describe the video to generate")
-    timings = {"compile": 0.0}
+    """One video: `generate` of one `Request` (frames (1, F', H, W, 3)); `noise` (1, f, h, w, z)."""
+    return self.generate([Request(prompt, references, background, negative_prompt)],
+                         sampling=sampling, noise=noise, progress=progress)
 
-    def stage(name: str, fn: Callable[[], Any]) -> Any:
-      compile_before, start = self.compile_seconds, time.perf_counter()
-      out = jax.block_until_ready(fn())
-      compiled = self.compile_seconds - compile_before
-      timings[name] = time.perf_counter() - start - compiled
-      timings["compile"] += compiled
-      return out
 
-    text_states, negative_text = stage("encode_text",
-                                       lambda: self.encode_text([prompt], negative_prompt))
-    noise_key, posterior_key = jax.random.split(jax.random.key(sampling.seed))
-    image, condition, n = stage("encode_references", lambda: self.condition(
-        references, background, sampling, posterior_key))
-    cond = Conditioning(text_states, negative_text, image, condition, n)
-    shape = (1, *condition.shape[1:4], self.cfg.vae.z_dim)
-    if noise is None:
-      noise = jax.random.normal(noise_key, shape, jnp.float32)
-    elif tuple(noise.shape) != shape:
-      raise InputError(f"noise has shape {tuple(noise.shape)}; this job needs {shape}")
-    latents = stage("denoise", lambda: self.denoise(cond, jnp.asarray(noise, jnp.float32),
-                                                    sampling, progress))
-    frames = stage("decode", lambda: video_to_uint8(self.decode(latents)))
-    if sampling.drop_reference_frames:
-      frames = frames[:, conditioning.reference_frames_to_drop(n):]
-    return Result(frames, np.asarray(latents), timings)
+def check_requests(requests: Sequence[Request]) -> None:
+  """A non-empty batch of requests with prompts and one reference count."""
+  if not requests:
+    raise InputError("no requests: pass at least one Request(prompt, references, background)")
+  for i, request in enumerate(requests):
+    if not request.prompt or not request.prompt.strip():
+      raise InputError(f"the prompt is empty{f' (request {i})' if len(requests) > 1 else ''}: "
+                       "describe the video to generate")
+  counts = [r.num_refs for r in requests]
+  if len(set(counts)) > 1:
+    other = next(i for i, c in enumerate(counts) if c != counts[0])
+    raise InputError(f"request {other} has {counts[other]} reference images (background "
+                     f"included), request 0 has {counts[0]}: one batch needs one count; generate "
+                     "requests with another count in another batch")
 
 
 def check_folder(folder: pathlib.Path) -> None:
