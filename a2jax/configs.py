@@ -672,7 +672,24 @@ def read_yaml(path: pathlib.Path) -> dict[str, Any]:
   return raw
 
 
+# Keys that config.yaml files written by earlier a2jax versions hold (converted folders, runs):
+# dropped on load when they say nothing (null / false), an error naming the replacement otherwise.
+RETIRED_KEYS = {("train", "distributed"): "processes join through the `distributed` section "
+                                          "(README \"Multi-host\"): delete the key"}
+
+
+def _drop_retired(raw: dict[str, Any], where: str) -> dict[str, Any]:
+  for (section, key), replacement in RETIRED_KEYS.items():
+    values = raw.get(section)
+    if isinstance(values, dict) and key in values:
+      value = values.pop(key)
+      if value not in (None, False):
+        raise ConfigError(f"{where}: {section}.{key} = {value!r} is retired: {replacement}")
+  return raw
+
+
 def load(name_or_path: str | pathlib.Path = "a2_14b", overrides=(), cls=Config):
   """Loads a preset name or YAML path, applies `key=value` overrides, validates into `cls`."""
-  raw = read_yaml(resolve_path(name_or_path))
+  path = resolve_path(name_or_path)
+  raw = _drop_retired(read_yaml(path), str(path))
   return build(cls, apply_overrides(raw, list(overrides)), "config")

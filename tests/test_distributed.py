@@ -111,3 +111,17 @@ def test_rows_of_a_batch_axis_spanning_processes(tmp_path):
   finished = multiprocess.run([tmp_path / "driver.py"], timeout=240, log_dir=tmp_path)
   assert "rows [0, 1, 2, 3, 8, 9, 10, 11] global batch equal" in finished[0].log, finished[0].log
   assert "rows [4, 5, 6, 7, 12, 13, 14, 15] global batch equal" in finished[1].log, finished[1].log
+
+
+def test_config_files_of_earlier_versions_still_load(tmp_path):
+  """config.yaml files written before the `distributed` section hold train.distributed: null."""
+  import yaml
+  raw = configs.to_dict(configs.load("tiny_train"))
+  del raw["distributed"]
+  raw["train"]["distributed"] = None
+  (tmp_path / "old.yaml").write_text(yaml.safe_dump(raw))
+  assert configs.load(tmp_path / "old.yaml") == configs.load("tiny_train")
+  raw["train"]["distributed"] = True
+  (tmp_path / "old.yaml").write_text(yaml.safe_dump(raw))
+  with pytest.raises(ConfigError, match="train.distributed = True is retired: processes join"):
+    configs.load(tmp_path / "old.yaml")
