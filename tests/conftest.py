@@ -14,16 +14,19 @@ for flag in ("--xla_force_host_platform_device_count=8",
   if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
-# One persistent compilation cache for the session, inherited by every process a test starts
-# (train.py, sample.py, several processes of one job): a program that took a second or more to
-# compile is read back afterwards instead of compiled again.
+# One persistent compilation cache for the processes the tests start (train.py, sample.py, several
+# processes of one job): a program that took a second or more to compile is read back afterwards
+# instead of compiled again. The test process itself keeps its programs in memory only (below).
 _COMPILATION_CACHE = tempfile.mkdtemp(prefix="a2jax-tests-jax-cache-")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import a2jax  # noqa: E402,F401  before jax: chooses the backends as every entry point does
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+jax.config.update("jax_enable_compilation_cache", False)
 
 
 def pytest_sessionfinish(session, exitstatus):
