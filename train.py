@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                if tc.lora else ""), flush=True)
 
     # --- data: this process's rows of each step's global batch, from the step after `start` ---
-    data_iterator = batches.host_loader(cfg, mesh, start)
     rows = batches.host_row_indices(tc.batch_size, mesh)
+    data_iterator = batches.host_loader(cfg, rows, start)
 
     # --- step: compiled once for the batch shapes ----------------------------------------------
     local = next(data_iterator)

@@ -167,8 +167,23 @@ def _uni_update(x, m0, older, row: _UniTables, d1_t=None):
   return (row.ratio * x - row.c_m0 * m0) - row.c_res * res
 
 
+class _Schedule:
+  """`sigmas` and `timesteps` of a sampler whose `_schedule` is (σ, timesteps): UniPC's timesteps
+  are int32 ⌊1000·σ⌋ (as diffusers), the flow samplers' float32 1000·σ."""
+
+  @property
+  def sigmas(self) -> np.ndarray:
+    """(S + 1,) float32: σ of each step, then the final σ (0 unless configured otherwise)."""
+    return self._schedule[0]
+
+  @property
+  def timesteps(self) -> np.ndarray:
+    """(S,): what the transformer receives at each step."""
+    return self._schedule[1]
+
+
 @dataclasses.dataclass(frozen=True)
-class UniPC:
+class UniPC(_Schedule):
   """UniPC multistep (predictor UniP + corrector UniC, B(h) variant) for flow prediction.
 
   = diffusers `UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
@@ -248,16 +263,6 @@ class UniPC:
     last = 0.0 if self.final_sigmas_type == "zero" else sigmas[-1]
     return np.concatenate([sigmas, [last]]).astype(F32), timesteps
 
-  @property
-  def sigmas(self) -> np.ndarray:
-    """(S + 1,) float32: the solver's σ of each step, then the final σ (0)."""
-    return self._schedule[0]
-
-  @property
-  def timesteps(self) -> np.ndarray:
-    """(S,) int32: what the transformer receives at each step, ⌊1000·σ⌋."""
-    return self._schedule[1]
-
   def orders(self) -> np.ndarray:
     """(S,) int: the predictor's order at each step (warm-up, then lowered at the end)."""
     i = np.arange(self.num_steps)
@@ -327,22 +332,8 @@ class EulerState(NamedTuple):
   step_index: jax.Array
 
 
-class _FloatSchedule:
-  """`sigmas` and `timesteps` of a flow sampler whose `_schedule` is (σ, 1000·σ)."""
-
-  @property
-  def sigmas(self) -> np.ndarray:
-    """(S + 1,) float32: σ of each step, then the final σ = 0."""
-    return self._schedule[0]
-
-  @property
-  def timesteps(self) -> np.ndarray:
-    """(S,) float32: what the transformer receives at each step, 1000·σ."""
-    return self._schedule[1]
-
-
 @dataclasses.dataclass(frozen=True)
-class Euler(_FloatSchedule):
+class Euler(_Schedule):
   """Flow-match Euler x' = x + (σ_{i+1} − σ_i)·v = diffusers `FlowMatchEulerDiscreteScheduler(shift)`.
 
   Its schedule is not UniPC's: σ = linspace(1, σ_min, S) (S points, both ends kept) where σ_min is
@@ -408,7 +399,7 @@ class DistillState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Distill(_FloatSchedule):
+class Distill(_Schedule):
   """Few-step sampling of a step-distilled model: x0 = x − σ·v, then x' = (1 − σ')·x0 + σ'·ε with
   fresh noise ε; the last step returns x0. = diffusers `FlowMatchEulerDiscreteScheduler(shift,
   stochastic_sampling=True)` given these sigmas and timesteps (and the same ε).

@@ -58,3 +58,12 @@ def make_source(src: pathlib.Path) -> pathlib.Path:
   text = "\n".join(json.dumps(line) for line in lines) + "\n{not json\n"
   (src / "train.jsonl").write_text(text)
   return src
+
+
+def write_reference_pictures(root: pathlib.Path, seed: int, forest: str = "forest.png") -> pathlib.Path:
+  """Random references in three layouts: man.png (RGB), bear.png (RGBA), `forest` (grayscale)."""
+  rng = np.random.default_rng(seed)
+  Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(root / "man.png")
+  Image.fromarray(rng.integers(0, 256, (36, 50, 4), dtype=np.uint8)).save(root / "bear.png")
+  Image.fromarray(rng.integers(0, 256, (60, 90), dtype=np.uint8)).save(root / forest)
+  return root

@@ -91,7 +91,7 @@ by_process = np.array(jax.devices()).reshape(2, 2, 2)           # (process, data
 grid = by_process.transpose(1, 0, 2).reshape(2, 4, 1, 1)
 mesh = Mesh(grid, ("data", "fsdp", "context", "tensor"), axis_types=(AxisType.Auto,) * 4)
 rows = batches.host_row_indices(16, mesh)
-loader = batches.host_loader(cfg, mesh, start_step=1)           # the batch of step 2
+loader = batches.host_loader(cfg, rows, start_step=1)           # the batch of step 2
 local = next(loader)
 shapes = {k: jax.ShapeDtypeStruct((16, *v.shape[1:]), v.dtype) for k, v in local.items()}
 with jax.set_mesh(mesh):

@@ -5,11 +5,10 @@ import json
 import re
 import shutil
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import sample
+from data_util import write_reference_pictures
 from a2jax import video
 
 FLAGS = ["--frames", "13", "--height", "32", "--width", "48", "--steps", "2", "--no-progress"]
@@ -17,11 +16,7 @@ FLAGS = ["--frames", "13", "--height", "32", "--width", "48", "--steps", "2", "-
 
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
-  root = tmp_path_factory.mktemp("pictures")
-  rng = np.random.default_rng(3)
-  Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(root / "man.png")
-  Image.fromarray(rng.integers(0, 256, (36, 50, 4), dtype=np.uint8)).save(root / "bear.png")
-  Image.fromarray(rng.integers(0, 256, (60, 90), dtype=np.uint8)).save(root / "forest.jpg")
+  root = write_reference_pictures(tmp_path_factory.mktemp("pictures"), 3, forest="forest.jpg")
   (root / "broken.png").write_bytes(b"not an image")
   return root
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 import multiprocess
 import sample
+from data_util import write_reference_pictures
 from a2jax import sharding, video
 from a2jax.errors import InputError
 from a2jax.pipeline import A2Pipeline, Request
@@ -34,12 +35,7 @@ LATENT_RTOL = 1e-5  # relative L2, batch rows against single runs (float32; meas
 
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
-  root = tmp_path_factory.mktemp("pictures")
-  rng = np.random.default_rng(5)
-  Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(root / "man.png")
-  Image.fromarray(rng.integers(0, 256, (36, 50, 4), dtype=np.uint8)).save(root / "bear.png")
-  Image.fromarray(rng.integers(0, 256, (60, 90), dtype=np.uint8)).save(root / "forest.png")
-  return root
+  return write_reference_pictures(tmp_path_factory.mktemp("pictures"), 5)
 
 
 def as_request(job, pictures):

@@ -20,7 +20,7 @@ from a2jax.train import lora as train_lora
 from parity import max_rel_err
 from test_train_run import data_dir, env  # noqa: F401  (fixtures)
 from test_train_run import flat, read_metrics, read_state, run, run_args, write_driver
-from test_train_step import compiled_step, first_step_on_one_device
+from test_train_step import compiled_step, first_step_on_one_device, overfit
 
 # every target (the FFN too), rank 4 on the tiny widths; the tiny step's overfit settings
 LORA = ["train.lora.rank=16", "train.lora.alpha=16",
@@ -143,14 +143,8 @@ def test_state_holds_float32_adapters_and_the_frozen_base(setup, single):
 
 def test_overfits_four_triplets_and_leaves_the_base_bit_for_bit(setup, single):
   """As tests/test_train_step.py: the step counter held at 0 draws the same noise every step."""
-  _, _, batch = setup
-  mesh, step, shardings, b_shardings, state0, _ = single
-  losses = []
-  with jax.set_mesh(mesh):
-    state, batch = sharding.put(state0, shardings), sharding.put(batch, b_shardings)
-    for _ in range(OVERFIT_STEPS):
-      state, metrics = step(state.replace(step=jnp.zeros((), jnp.int32)), batch, jax.random.key(1))
-      losses.append(float(metrics["loss"]))
+  state0 = single[4]
+  state, losses = overfit(setup[2], single, OVERFIT_STEPS)
   assert np.all(np.isfinite(losses))
   first, last = np.mean(losses[:3]), np.mean(losses[-10:])
   print(f"LoRA overfit: loss {first:.4f} → {last:.4f} ({first / last:.0f}×) in {OVERFIT_STEPS} steps")

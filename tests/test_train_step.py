@@ -61,17 +61,23 @@ def single(setup):
   return first_step_on_one_device(*setup)
 
 
-def test_overfits_four_triplets(setup, single):
-  """The step counter seeds the noise (rng = fold_in(rng, step)); holding it at 0 draws the same
-  noise and σ every step, so the loss can fall to ~0 by memorising the 8 (x_t, t) → v pairs."""
-  _, _, batch = setup
+def overfit(batch, single, steps: int):
+  """(final state, losses) of `steps` steps on `batch` from the state of `single`
+  (`first_step_on_one_device`), the step counter held at 0: the same noise and σ every step."""
   mesh, step, shardings, b_shardings, state0, _ = single
   losses = []
   with jax.set_mesh(mesh):
     state, batch = sharding.put(state0, shardings), sharding.put(batch, b_shardings)
-    for _ in range(OVERFIT_STEPS):
+    for _ in range(steps):
       state, metrics = step(state.replace(step=jnp.zeros((), jnp.int32)), batch, jax.random.key(1))
       losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+def test_overfits_four_triplets(setup, single):
+  """The step counter seeds the noise (rng = fold_in(rng, step)); holding it at 0 draws the same
+  noise and σ every step, so the loss can fall to ~0 by memorising the 8 (x_t, t) → v pairs."""
+  _, losses = overfit(setup[2], single, OVERFIT_STEPS)
   assert np.all(np.isfinite(losses))
   first, last = np.mean(losses[:3]), np.mean(losses[-10:])
   print(f"overfit: loss {first:.4f} → {last:.4f} ({first / last:.0f}×) in {OVERFIT_STEPS} steps")

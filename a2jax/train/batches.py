@@ -74,14 +74,14 @@ def host_row_indices(batch_size: int, mesh: Mesh) -> np.ndarray:
   return np.array(sorted(held))
 
 
-def host_loader(cfg: Config, mesh: Mesh, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """This process's batches {name: (rows, ...) float32} of steps start_step + 1, start_step + 2, …:
-  step s's global batch is the records at positions (s − 1)·B … s·B − 1 (B = train.batch_size), of
-  which this process reads only the rows it holds (`host_row_indices`). The data position is the
-  step, so a run resumes (or moves to another process count) at the batch it stopped at."""
+def host_loader(cfg: Config, rows: np.ndarray, start_step: int = 0
+                ) -> Iterator[dict[str, np.ndarray]]:
+  """This process's batches {name: (len(rows), ...) float32} of steps start_step + 1, … : step s's
+  global batch is the records at positions (s − 1)·B … s·B − 1 (B = train.batch_size), of which this
+  process reads only `rows` (`host_row_indices`). The data position is the step, so a run resumes
+  (or moves to another process count) at the batch it stopped at."""
   records = record_dataset(cfg)
   batch_size = cfg.train.batch_size
-  rows = host_row_indices(batch_size, mesh)
 
   def host_batch(step: int) -> dict[str, np.ndarray]:
     picked = [records[int(step) * batch_size + int(r)] for r in rows]
