@@ -12,6 +12,7 @@ A half-given setting (an address without a count, a process id ≥ the count) is
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import sys
@@ -32,6 +33,7 @@ LOST_PROCESS_EXIT = 3
 # check, whose detection aborts the survivors instead of letting them say what happened.
 BEAT_SECONDS = 0.5
 LOST_AFTER = 3.0
+STOP_BEATING_TIMEOUT = 10.0
 
 _client = None  # the coordination service's client once several processes joined
 _barriers = 0    # barriers passed: each gets its own name
@@ -127,16 +129,28 @@ def _beat_key(process: int) -> str:
 
 
 def _start_beating(client, process: int) -> None:
-  """A daemon thread that counts up this process's key in the coordination service's store every
-  BEAT_SECONDS: how the others tell, in seconds, whether it still runs."""
+  """A thread that counts up this process's key in the coordination service's store every
+  BEAT_SECONDS: how the others tell, in seconds, whether it still runs. Stopped at exit, before
+  JAX shuts its client down: a thread still inside a call into the client when the interpreter
+  finalizes aborts the process ("FATAL: exception not rethrown", seen on a finished run)."""
+  stop = threading.Event()
+
   def beat():
     while True:
       try:
         client.key_value_increment(_beat_key(process), 1)
       except Exception:  # the service is gone; the main thread finds out by itself
         return
-      time.sleep(BEAT_SECONDS)
-  threading.Thread(target=beat, name="a2jax-liveness", daemon=True).start()
+      if stop.wait(BEAT_SECONDS):
+        return
+
+  thread = threading.Thread(target=beat, name="a2jax-liveness", daemon=True)
+  thread.start()
+
+  def stop_beating():
+    stop.set()
+    thread.join(timeout=STOP_BEATING_TIMEOUT)  # a call into a lost service must not hold the exit
+  atexit.register(stop_beating)  # runs before jax's own exit handler, registered at import
 
 
 def _lost_processes(client, count: int) -> list[int]:

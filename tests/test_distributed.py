@@ -75,6 +75,15 @@ def test_train_py_says_what_is_missing_before_starting(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+
+def test_processes_exit_cleanly_while_beating(tmp_path):
+  """The liveness thread stops before JAX shuts its client down at exit: a thread still inside a
+  call into the client when the interpreter finalizes aborts the process (rc −6, "FATAL: exception
+  not rethrown"; with beats back to back, 5 of 5 such runs aborted before the fix)."""
+  code = ("import time; from a2jax import configs, distributed; distributed.BEAT_SECONDS = 0.0; "
+          "distributed.initialize(configs.DistributedConfig()); time.sleep(1)")
+  multiprocess.run(["-c", code], timeout=120, log_dir=tmp_path)
+
 ROWS_DRIVER = """
 import json, sys
 import a2jax, jax, numpy as np
