@@ -14,6 +14,15 @@ works. So, on a machine without the accelerator, this module (run first by `impo
   sets A2JAX_CUDA_AOT=1 before it starts (`python -m a2jax.aot --target cuda:…` does it itself).
 On a TPU VM or a GPU machine nothing changes. It must run before jax is imported: entry points
 import a2jax first.
+
+It also sizes the CPU client's thread pools when the CPU simulates several devices (the tests' 8,
+the multi-process tests' 4 per process): XLA:CPU runs a program's collectives on its intra-op pool,
+max(cores, devices) threads by default, and each collective holds its thread until every device
+arrives. Devices that run independent collectives in different orders can hold every thread, and
+the program then waits until XLA's collective timeout aborts the process: the sharded encoder on 8
+devices of a 2-core machine hung within 21 repetitions, twice, every pool thread waiting in a
+rendezvous; with 64 threads, 230 ran. PJRT_NPROC (read by XLA for both of its CPU pools) becomes 8
+per device unless already set.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import glob
 import importlib.abc
 import importlib.machinery
 import os
+import re
 import sys
 import types
 
@@ -29,6 +39,8 @@ CUDA_AOT_ENV = "A2JAX_CUDA_AOT"
 CUDA_KERNELS = "jax_cuda12_plugin"
 CUDA_PJRT_PLUGIN = "jax_plugins.xla_cuda12"
 GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips
+CPU_THREADS_ENV = ("PJRT_NPROC", "NPROC")  # XLA's CPU pool size, first set wins
+CPU_THREADS_PER_DEVICE = 8
 
 
 def has_nvidia_gpu() -> bool:
@@ -70,8 +82,28 @@ def cuda_plugin_blocked() -> bool:
   return any(isinstance(f, _WithoutCudaPlugin) for f in sys.meta_path)
 
 
+def simulated_cpu_devices(environ=None) -> int:
+  """How many devices the CPU client will simulate (XLA_FLAGS or JAX_NUM_CPU_DEVICES); 1 if not set."""
+  environ = os.environ if environ is None else environ
+  found = re.findall(r"--xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
+  counts = [int(c) for c in found]
+  if environ.get("JAX_NUM_CPU_DEVICES", "").isdigit():
+    counts.append(int(environ["JAX_NUM_CPU_DEVICES"]))
+  return max(counts, default=1)
+
+
+def size_cpu_thread_pools(environ=None) -> None:
+  """PJRT_NPROC = 8 per simulated CPU device when there are several and no pool size is set (see
+  the module docstring)."""
+  environ = os.environ if environ is None else environ
+  devices = simulated_cpu_devices(environ)
+  if devices > 1 and not any(environ.get(k) for k in CPU_THREADS_ENV):
+    environ["PJRT_NPROC"] = str(max(os.cpu_count() or 1, CPU_THREADS_PER_DEVICE * devices))
+
+
 def configure() -> None:
   """Chooses the platforms for this process (see the module docstring); idempotent."""
+  size_cpu_thread_pools()  # read when the CPU client starts, which may still be ahead
   if "jax" in sys.modules:
     return  # too late to change what jax loads; leave the process as it is
   gpu = has_nvidia_gpu()

@@ -61,6 +61,21 @@ def test_cuda_plugin_blocked_only_without_gpu():
   assert a2jax.platforms.cuda_plugin_blocked() == (not platforms.has_nvidia_gpu())
 
 
+
+def test_cpu_thread_pools_grow_with_simulated_devices():
+  """8 threads per simulated CPU device (XLA_FLAGS or JAX_NUM_CPU_DEVICES) unless a pool size is set:
+  fewer let a sharded program's collectives hold every thread (a2jax/platforms.py)."""
+  def sized(**environ):
+    platforms.size_cpu_thread_pools(environ)
+    return environ.get("PJRT_NPROC")
+  cores = os.cpu_count()
+  flags = "--xla_cpu_multi_thread_eigen=true --xla_force_host_platform_device_count=8"
+  assert sized(XLA_FLAGS=flags) == str(max(cores, 64))
+  assert sized(JAX_NUM_CPU_DEVICES="4") == str(max(cores, 32))
+  assert sized(XLA_FLAGS=flags, NPROC="16") is None and sized(XLA_FLAGS=flags, PJRT_NPROC="9") == "9"
+  assert sized() is None and sized(XLA_FLAGS="--xla_force_host_platform_device_count=1") is None
+  assert os.environ["PJRT_NPROC"] == str(max(cores, 64))  # this process: conftest's 8 devices
+
 def test_public_model_api_as_in_the_design():
   """DESIGN.md §3's calls on the tiny config, traced for shapes (jax.eval_shape: no compute)."""
   cfg = configs.load("tiny")
