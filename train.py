@@ -159,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                                    for k, v in local.items()}, mesh)
     batch = batches.global_batch(local, b_shardings, tc.batch_size, rows)
     began = time.perf_counter()
-    train_step = jit_train_step(cfg, tx, mesh, shardings, b_shardings).lower(
-        state, batch, step_key).compile()
-    distributed.barrier("train step compiled")
+    train_step = distributed.compile_together(jit_train_step(cfg, tx, mesh, shardings, b_shardings),
+                                              state, batch, step_key, name="train step")
     flops = metrics.step_flops(cfg, {k: v.shape for k, v in batch.items()})
     peak = metrics.peak_flops(jax.devices()[0].device_kind)
     print(f"compiled the train step in {time.perf_counter() - began:.1f} s; "

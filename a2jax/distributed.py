@@ -124,6 +124,14 @@ def barrier(name: str) -> None:
   _client.wait_at_barrier(f"a2jax/{_barriers}/{name}", BARRIER_TIMEOUT_MS)
 
 
+def compile_together(jitted, *args, name: str, **static):
+  """`jitted.lower(*args, **static).compile()`, then `barrier`: the processes start the program, and
+  its first collective, together. Call the result with `args` only (`static` is compiled in)."""
+  compiled = jitted.lower(*args, **static).compile()
+  barrier(f"compiled {name}")
+  return compiled
+
+
 def _beat_key(process: int) -> str:
   return f"a2jax/alive/{process}"
 

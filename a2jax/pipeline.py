@@ -346,8 +346,7 @@ class A2Pipeline:
       key = (name, tuple((a.shape, str(a.dtype)) for a in inputs))
       if key not in self._programs:
         start = time.perf_counter()
-        self._programs[key] = jax.jit(fn).lower(params, *inputs).compile()
-        distributed.barrier(f"compiled {name}")  # several processes start it together
+        self._programs[key] = distributed.compile_together(jax.jit(fn), params, *inputs, name=name)
         self.compile_seconds += time.perf_counter() - start
     return self._programs[key], inputs
 

@@ -108,6 +108,7 @@ class Encoder:
   clip_processor: preprocess.ClipImageProcessor
   mesh: jax.sharding.Mesh
   target_posterior: str = "mean"
+  _programs: dict[Any, Any] = dataclasses.field(default_factory=dict, init=False, repr=False)
 
   @classmethod
   def from_folder(cls, folder: str | pathlib.Path, overrides: Sequence[str] = (),
@@ -125,6 +126,15 @@ class Encoder:
     spec = sharding.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, self.mesh)
     return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
 
+  def _run(self, name: str, jitted, *args, **static):
+    """jitted(*args, **static), compiled once per (name, argument shapes); several processes meet
+    after each compile (`distributed.compile_together`)."""
+    key = (name, tuple(sorted(static.items())),
+           tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args)))
+    if key not in self._programs:
+      self._programs[key] = distributed.compile_together(jitted, *args, name=name, **static)
+    return self._programs[key](*args)
+
   def __call__(self, examples: list[dict[str, Any]], positions: Sequence[int]) -> list[dict]:
     """Examples of `pipeline.decode_example` (one reference count) at stored `positions` →
     encoded records. `positions` seed the posterior samples, so a resumed run draws the same."""
@@ -136,13 +146,13 @@ class Encoder:
     clip_pixels = np.stack([e["clip"] for e in examples])
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(cfg.data.seed), i))(
         jnp.asarray(positions, jnp.uint32))
+    ids, mask = text.tokenize(self.tokenizer, [e["caption"] for e in examples], cfg.umt5.max_length)
     with jax.set_mesh(self.mesh):
-      text_states, _ = text.encode_prompt(self.params["umt5"], cfg.umt5, self.tokenizer,
-                                          [e["caption"] for e in examples])
-      latents, condition, image = encode_visual(
-          self.params["vae"], self.params["clip"], self._place(video), self._place(cond_video),
-          self._place(clip_pixels), keys, cfg=cfg, num_refs=num_refs,
-          target_sample=self.target_posterior == "sample",
+      text_states = self._run("umt5", text.encode_ids, self.params["umt5"], ids, mask, cfg=cfg.umt5)
+      latents, condition, image = self._run(
+          "vae and clip", encode_visual, self.params["vae"], self.params["clip"],
+          self._place(video), self._place(cond_video), self._place(clip_pixels), keys, cfg=cfg,
+          num_refs=num_refs, target_sample=self.target_posterior == "sample",
           cond_sample=cfg.sampling.condition_posterior == "sample")
     out = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True), np.float32)
            for k, v in (("latents", latents), ("condition", condition),
