@@ -144,12 +144,15 @@ def call(client, *, frames=FRAMES, height=HEIGHT):
 def test_gradio_client(server):
   from gradio_client import Client
   client = Client(server[0], verbose=False)
-  result, seen, status = call(client)
-  check_video(result, server[1])
-  assert len(seen) == REFS and "frames of" in status
-  for kw, message in [({"frames": 14}, "4k+1"), ({"height": 40}, "multiples of 16")]:
-    with pytest.raises(Exception, match=re.escape(message)):
-      call(client, **kw)
+  try:
+    result, seen, status = call(client)
+    check_video(result, server[1])
+    assert len(seen) == REFS and "frames of" in status
+    for kw, message in [({"frames": 14}, "4k+1"), ({"height": 40}, "multiples of 16")]:
+      with pytest.raises(Exception, match=re.escape(message)):
+        call(client, **kw)
+  finally:
+    client.close()  # its heartbeat thread, before the server goes
 
 
 def test_generate_reports_progress_from_the_loop(server):
