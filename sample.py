@@ -233,12 +233,13 @@ def calibrate(pipe, jobs: list[Job], sampling: configs.SamplingConfig, out: path
   return 0
 
 
-def read_loras(specs: list[str], cfg: configs.TransformerConfig):
-  """The --lora files, read and checked against the transformer before any model loads; prints
-  their notes (format, coverage, T2V LoRAs) to stderr."""
+def read_loras(specs: list[str], cfg: configs.TransformerConfig, writer: bool):
+  """The --lora files, read and checked against the transformer before any model loads; the
+  `writer` process prints their notes (format, coverage, T2V LoRAs) to stderr."""
   from convert_weights import lora
   loaded = lora.read_loras([lora.parse_spec(spec) for spec in specs], cfg)
-  for note in (n for one in loaded for n in one.notes):
+  notes = [n for one in loaded for n in one.notes] if writer else []
+  for note in notes:
     print(f"lora: {note}", file=sys.stderr)
   return loaded
 
@@ -259,10 +260,9 @@ def sample(argv) -> int:
   sampling = sampling_config(args, cfg.sampling)
   jobs = read_jobs(args)
   validate(jobs, sampling)
-  loras = read_loras(args.lora, cfg.transformer)
-
   import jax
   writer = jax.process_index() == 0  # the one process that writes files and shows progress
+  loras = read_loras(args.lora, cfg.transformer, writer)
   start = time.perf_counter()
   mesh = sharding.make_mesh(cfg.mesh)
   pipe = pipeline.A2Pipeline.from_folder(folder, mesh=mesh, overrides=overrides, loras=loras)

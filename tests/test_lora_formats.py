@@ -270,6 +270,7 @@ def test_sample_with_lora_equals_the_merged_folder(release, tmp_path, capsys):
            "--width", "32", "--steps", "2", "--no-progress", "--seed", "3"]
   assert sample.main(["--checkpoint", str(folder), "--lora", spec, *flags,
                       "--out", str(tmp_path / "lora.mp4")]) == 0
+  assert "lora: style.safetensors: original LoRA, strength 0.8" in capsys.readouterr().err
   assert sample.main(["--checkpoint", str(tmp_path / "merged"), *flags,
                       "--out", str(tmp_path / "merged.mp4")]) == 0
   np.testing.assert_array_equal(video.read_mp4(tmp_path / "lora.mp4"),
