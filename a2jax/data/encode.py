@@ -126,14 +126,14 @@ class Encoder:
     spec = sharding.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, self.mesh)
     return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
 
-  def _run(self, name: str, jitted, *args, **static):
-    """jitted(*args, **static), compiled once per (name, argument shapes); several processes meet
-    after each compile (`distributed.compile_together`)."""
-    key = (name, tuple(sorted(static.items())),
-           tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args)))
+  def _run(self, name: str, jitted, params: tuple, inputs: tuple, **static):
+    """jitted(*params, *inputs, **static), compiled once per (name, input shapes) (the params are
+    the encoder's own); several processes meet after each compile (`distributed.compile_together`)."""
+    key = (name, tuple(sorted(static.items())), tuple((x.shape, str(x.dtype)) for x in inputs))
     if key not in self._programs:
-      self._programs[key] = distributed.compile_together(jitted, *args, name=name, **static)
-    return self._programs[key](*args)
+      self._programs[key] = distributed.compile_together(jitted, *params, *inputs, name=name,
+                                                         **static)
+    return self._programs[key](*params, *inputs)
 
   def __call__(self, examples: list[dict[str, Any]], positions: Sequence[int]) -> list[dict]:
     """Examples of `pipeline.decode_example` (one reference count) at stored `positions` →
@@ -148,10 +148,11 @@ class Encoder:
         jnp.asarray(positions, jnp.uint32))
     ids, mask = text.tokenize(self.tokenizer, [e["caption"] for e in examples], cfg.umt5.max_length)
     with jax.set_mesh(self.mesh):
-      text_states = self._run("umt5", text.encode_ids, self.params["umt5"], ids, mask, cfg=cfg.umt5)
+      text_states = self._run("umt5", text.encode_ids, (self.params["umt5"],), (ids, mask),
+                              cfg=cfg.umt5)
       latents, condition, image = self._run(
-          "vae and clip", encode_visual, self.params["vae"], self.params["clip"],
-          self._place(video), self._place(cond_video), self._place(clip_pixels), keys, cfg=cfg,
+          "vae and clip", encode_visual, (self.params["vae"], self.params["clip"]),
+          (self._place(video), self._place(cond_video), self._place(clip_pixels), keys), cfg=cfg,
           num_refs=num_refs, target_sample=self.target_posterior == "sample",
           cond_sample=cfg.sampling.condition_posterior == "sample")
     out = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True), np.float32)
