@@ -3,10 +3,15 @@
 A converted folder holds `config.yaml` and one orbax checkpoint per component (`transformer/`,
 `vae/`, `clip/`, `umt5/`). Components are written leaf group by leaf group with orbax's partial
 save, so a 16B-parameter transformer is written without ever holding it whole in host memory.
+A checkpoint that cannot be read (cut short, damaged, or with a parameter this a2jax does not know)
+ends as one CheckpointError that names it and the fix.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import pathlib
 from collections.abc import Iterable, Iterator
@@ -16,12 +21,16 @@ import jax
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 import yaml
+from orbax.checkpoint._src import asyncio_utils as orbax_asyncio
 
 from a2jax import configs
 from a2jax.errors import CheckpointError
 
 COMPONENTS = ("transformer", "vae", "clip", "umt5")
 CONFIG_FILE = "config.yaml"
+# What every params checkpoint holds (orbax's layout, for `save_params` and the streamed partial
+# save alike: the tree under `state/`, in an OCDBT database): one missing means a cut-short copy.
+_CHECKPOINT_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt")
 
 
 def _nest(path: tuple[str, ...], value: Any) -> dict[str, Any]:
@@ -69,21 +78,13 @@ def load_params(path: str | os.PathLike, abstract: Any, shardings: Any | None = 
   """Reads a params checkpoint into jax arrays of `abstract`'s shapes and dtypes, placed on
   `shardings` (a matching tree of NamedShardings) when given, each host reading only its shards."""
   path = _checkpoint_dir(path)
+  check_leaves(path, abstract)
   if shardings is None:
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
-  stored = ocp.pytree_metadata(path).metadata
-  want = {jax.tree_util.keystr(p): tuple(a.shape)
-          for p, a in jax.tree_util.tree_leaves_with_path(target)}
-  have = {jax.tree_util.keystr(p): tuple(m.shape)
-          for p, m in jax.tree_util.tree_leaves_with_path(stored)}
-  problems = sorted(set(want) ^ set(have)) + sorted(
-      f"{k} {have[k]} != {want[k]}" for k in set(want) & set(have) if have[k] != want[k])
-  if problems:
-    raise CheckpointError(f"{path} does not fit the config ({len(problems)} differences, first: "
-                          f"{problems[0]}): load it with the config it was converted with")
-  return ocp.load_pytree(path, target)
+  with _reading(path, "its parameter data cannot be read"):
+    return ocp.load_pytree(path, target)
 
 
 def _checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
@@ -91,23 +92,143 @@ def _checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
   if not (path / "orbax.checkpoint").exists() and not any(path.glob("*/_METADATA")):
     raise CheckpointError(f"{path} is not an a2jax params checkpoint: convert the weights first "
                           "(python -m convert_weights …)")
+  missing = [name for name in _CHECKPOINT_FILES if not (path / name).is_file()]
+  if missing:
+    raise _damaged(path, f"{missing[0]} is missing")
   return path
 
 
-def _stored_metadata(path: pathlib.Path) -> dict[tuple[str, ...], Any]:
+def _damaged(path: pathlib.Path, what: str) -> CheckpointError:
+  return CheckpointError(f"{path} is damaged ({what}): copy the folder again, or convert it again "
+                         "with python -m convert_weights release --src RELEASE --dst FOLDER --force")
+
+
+_ORBAX_DIR = str(pathlib.Path(orbax_asyncio.__file__).parents[1]) + os.sep  # …/orbax/checkpoint/
+
+
+class _OrbaxRecords(logging.Filter):
+  """Drops orbax's log records: during a read they describe a failure that `_reading` reports."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.pathname.startswith(_ORBAX_DIR)
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+  """Closes an event loop of orbax's once nothing it ran can still call back into it: the tasks
+  left on it are cancelled (tensorstore cancels their reads) and run until they have ended and
+  the callbacks already due have run (those that take the errors of reads which failed late)."""
+  leftovers = asyncio.all_tasks(loop)
+  for task in leftovers:
+    task.cancel()
+  loop.run_until_complete(_ended(leftovers))
+  # A read that ended on a tensorstore thread just before its task was cancelled still delivers
+  # its result, now wanted by nobody, with call_soon_threadsafe, which a closed loop refuses
+  # ("RuntimeError: Event loop is closed" through the unraisable hook): that delivery is dropped.
+  loop.call_soon_threadsafe = _dropped
+  loop.close()
+
+
+async def _ended(tasks: Iterable[asyncio.Task]) -> None:
+  await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _dropped(*args, **kwargs) -> None:
+  """call_soon_threadsafe of a closed loop of orbax's (`_close`)."""
+
+
+def _run_event_loop(loop: asyncio.AbstractEventLoop) -> None:
+  """orbax's background event loop (asyncio_utils._run_event_loop), closed with `_close`."""
   try:
-    stored = ocp.pytree_metadata(path).metadata
-  except Exception as e:  # orbax raises many types for damaged folders
-    raise CheckpointError(f"{path} has unreadable checkpoint metadata ({type(e).__name__}): "
-                          "convert the weights again") from None
+    loop.run_forever()
+  finally:
+    _close(loop)
+
+
+def _run_sync_via_new_loop(coro):
+  """orbax's foreground event loop (asyncio_utils._run_sync_via_new_loop), closed with `_close`."""
+  loop = asyncio.new_event_loop()
+  try:
+    asyncio.set_event_loop(loop)
+    return loop.run_until_complete(coro)
+  finally:
+    asyncio.set_event_loop(None)
+    _close(loop)
+
+
+@contextlib.contextmanager
+def _reading(path: pathlib.Path, what: str) -> Iterator[None]:
+  """Runs orbax reads of the checkpoint `path`: any failure of theirs ends as one CheckpointError
+  naming `path` and `what`, and nothing else reaches the terminal.
+
+  orbax runs each read on event loops of its own (nested ones inside), the leaves' tensorstore
+  reads gathered as tasks. When one read fails (a cut-short data file) the gather fails at once
+  and orbax closes the loop with the other reads still in flight: each later calls back into the
+  closed loop ("RuntimeError: Event loop is closed", through the unraisable hook) and leaves a task
+  that reports when collected ("Task exception was never retrieved"). So during the read orbax's
+  two loop runners (orbax-checkpoint 0.12.8's asyncio_utils) are swapped for the same ones closing
+  their loop with `_close`. orbax also logs some failures as warnings, the tensorstore spec
+  included, before it raises or returns None: those records are dropped, the failure is
+  reported here instead."""
+  records = _OrbaxRecords()
+  absl_logger = logging.getLogger("absl")
+  runners = {"_run_event_loop": _run_event_loop, "_run_sync_via_new_loop": _run_sync_via_new_loop}
+  originals = {name: getattr(orbax_asyncio, name) for name in runners}
+  absl_logger.addFilter(records)
+  for name, runner in runners.items():
+    setattr(orbax_asyncio, name, runner)
+  try:
+    yield
+  except Exception as e:
+    if _device_error(e):
+      raise
+    raise _damaged(path, what) from e
+  finally:
+    for name, runner in originals.items():
+      setattr(orbax_asyncio, name, runner)
+    absl_logger.removeFilter(records)
+
+
+def _device_error(e: BaseException | None) -> bool:
+  """Whether a failed read failed on the device (out of memory placing the arrays), not on the
+  files (orbax wraps the device's error in its own)."""
+  while e is not None:
+    if isinstance(e, jax.errors.JaxRuntimeError):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _stored_metadata(path: pathlib.Path) -> dict[tuple[str, ...], Any]:
+  what = "its parameter metadata cannot be read"
+  with _reading(path, what):
+    stored = ocp.metadata(path).metadata
+  if stored is None:  # orbax logs the unreadable tree (dropped by _reading) and returns None
+    raise _damaged(path, what)
   return {tuple(str(k.key) for k in keypath): m
           for keypath, m in jax.tree_util.tree_leaves_with_path(stored)}
 
 
-def stored_leaves(path: str | os.PathLike) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-  """{leaf path: shape and dtype} of a params checkpoint, read from its metadata (no array data)."""
-  return {leaf: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
-          for leaf, m in _stored_metadata(_checkpoint_dir(path)).items()}
+def check_leaves(path: str | os.PathLike, abstract: Any) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+  """{leaf path: shape and dtype} of a params checkpoint, read from its metadata (no array data),
+  after checking that its leaves are exactly `abstract`'s (a tree of arrays or
+  ShapeDtypeStructs), same paths and shapes."""
+  path = _checkpoint_dir(path)
+  stored = {leaf: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
+            for leaf, m in _stored_metadata(path).items()}
+  want = {tuple(str(k.key) for k in keypath): tuple(a.shape)
+          for keypath, a in jax.tree_util.tree_leaves_with_path(abstract)}
+  problems = [f"{'/'.join(p)} missing" for p in sorted(set(want) - set(stored))] + [
+      f"{'/'.join(p)} {stored[p].shape} ≠ {want[p]}" for p in sorted(set(want) & set(stored))
+      if stored[p].shape != want[p]]
+  if problems:
+    raise CheckpointError(f"{path} does not fit the config ({len(problems)} differences, first: "
+                          f"{problems[0]}): load it with the config it was converted with")
+  unknown = sorted(set(stored) - set(want))
+  if unknown:
+    raise CheckpointError(f"{path} holds {'/'.join(unknown[0])}, a parameter this a2jax does not "
+                          "know: it was written by a newer a2jax; upgrade a2jax, or convert the "
+                          "weights again with this one")
+  return stored
 
 
 def iter_params(path: str | os.PathLike, leaf_paths: Iterable[tuple[str, ...]] | None = None
@@ -122,12 +243,9 @@ def iter_params(path: str | os.PathLike, leaf_paths: Iterable[tuple[str, ...]] |
     if leaf_path not in stored:
       raise CheckpointError(f"{path} has no leaf {'/'.join(leaf_path)}: load it with the config it "
                             "was converted with")
-    try:
-      with context:  # the stored metadata as the abstract leaf: restored as numpy, on the host
-        tree = ocp.load_pytree(path, _nest(leaf_path, stored[leaf_path]))
-    except Exception as e:  # orbax / tensorstore raise many types for damaged data
-      raise CheckpointError(f"{path}: leaf {'/'.join(leaf_path)} cannot be read "
-                            f"({type(e).__name__}): convert the weights again") from None
+    # the stored metadata as the abstract leaf: restored as numpy, on the host
+    with _reading(path, f"its leaf {'/'.join(leaf_path)} cannot be read"), context:
+      tree = ocp.load_pytree(path, _nest(leaf_path, stored[leaf_path]))
     for part in leaf_path:
       tree = tree[part]
     yield leaf_path, np.asarray(tree)
