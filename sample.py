@@ -11,7 +11,7 @@ file). Jobs run `--batch B` at a time through one compiled program (default: the
 mesh's data axis); jobs with the same number of reference images (background included) share
 batches, in file order, and the last short batch of each count repeats its last job.
 
-Several processes (TPU pod hosts, GPU nodes): run the same command on every process (README
+Several processes (TPU pod hosts, GPU nodes): run the same command on every process (docs/multi-host.md
 "Multi-host"); process 0 writes the videos and shows the progress. Flags not given take the
 checkpoint's `sampling:` config; trailing `key=value` arguments override any config field (e.g.
 `transformer.attention=splash mesh.tensor=4`).
@@ -28,8 +28,9 @@ import time
 
 import numpy as np
 
-from a2jax import conditioning, configs, errors, preprocess, video
+from a2jax import conditioning, configs, preprocess, video
 from a2jax.errors import InputError
+from a2jax.runner import run_main
 
 JOB_KEYS = ("prompt", "refs", "background", "out", "negative_prompt", "seed")
 SAMPLING_FLAGS = ("frames", "height", "width", "steps", "guidance", "shift", "seed", "sampler",
@@ -70,7 +71,7 @@ def parse_args(argv):
   p.add_argument("--seed", type=int, help="noise seed (release: 42)")
   p.add_argument("--sampler", choices=configs.SAMPLERS, help="unipc (release), euler, or distill "
                  "(a step-distilled model, e.g. --sampler distill --guidance 1 with lightx2v's LoRA)")
-  fast = p.add_argument_group("fast sampling (README \"Fast sampling\")")
+  fast = p.add_argument_group("fast sampling (docs/sampling.md \"Fast sampling\")")
   fast.add_argument("--distill-timesteps", type=int_list, help="distill: training steps to sample "
                     "at, comma-separated (default 1000,750,500,250)")
   fast.add_argument("--distill-shift", type=float, help="distill: flow shift of its schedule (5)")
@@ -89,12 +90,15 @@ def parse_args(argv):
                  "diffusers names) merged into the transformer at load time, scaled by STRENGTH "
                  "(default 1); repeatable")
   p.add_argument("--weights", choices=("int8", "fp8"), help="quantize the transformer blocks' "
-                 "matmul kernels at load, per output channel (README \"Quantized weights\"); "
+                 "matmul kernels at load, per output channel (docs/sampling.md \"Quantized weights\"); "
                  "default: as stored (bfloat16)")
   p.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=2,fsdp=-1,context=1,tensor=1 "
                  "(default: the checkpoint config's mesh: all devices on fsdp)")
   p.add_argument("--grid", action="store_true", help="also write OUT_grid.mp4 with the references "
                  "beside each frame")
+  p.add_argument("--save-arrays", action="store_true", help="also write OUT.npz: the uint8 frames "
+                 "the mp4 encodes and the final latents, for exact comparisons (H.264 spreads a "
+                 "one-level difference over a block)")
   p.add_argument("--keep-reference-frames", action="store_true",
                  help="keep the first 4·N frames, which show the references")
   p.add_argument("--no-progress", action="store_true")
@@ -284,6 +288,9 @@ def sample(argv) -> int:
         continue
       frames, r = result.frames[row], requests[row]
       video.write_mp4(job.out, frames, sampling.fps)
+      if args.save_arrays:
+        video.write_arrays(job.out.with_suffix(".npz"), frames=frames,
+                           latents=np.asarray(result.latents[row]))
       if args.grid:
         refs = [*r.references, *([r.background] if r.background is not None else [])]
         video.write_mp4(job.out.with_name(job.out.stem + "_grid.mp4"), grid_frames(frames, refs),
@@ -303,7 +310,7 @@ def unique_rows(batch: list[Job]) -> list[tuple[int, Job]]:
 
 
 def main(argv=None) -> int:
-  return errors.run_main(sample, sys.argv[1:] if argv is None else argv)
+  return run_main(sample, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -36,31 +36,13 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from a2jax import configs, platforms, sharding
+from a2jax.flops import VideoShape, step_flops, transformer_flops
 from a2jax.configs import MeshConfig, TransformerConfig
 from a2jax.errors import ConfigError
 
 GIB = 1024**3
 # XLA GPU device specs (from openxla/xla, Apache-2.0): what the CUDA plugin compiles for without a GPU.
 GPU_SPEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_specs")
-
-
-@dataclasses.dataclass(frozen=True)
-class VideoShape:
-  """Pixel-space sampling shape: frames × height × width, CFG batch, context lengths."""
-
-  frames: int = 81
-  height: int = 480
-  width: int = 832
-  batch: int = 2          # conditional + unconditional (CFG) as one batch
-  text_len: int = 512
-  image_len: int = 771    # 257 CLIP tokens per reference, 3 references
-  vae_stride: tuple[int, int, int] = (4, 8, 8)
-
-  @property
-  def latent_grid(self) -> tuple[int, int, int]:
-    """(f, h, w) latent frames / height / width: f = (F − 1)/4 + 1, h = H/8, w = W/8."""
-    st, sh, sw = self.vae_stride
-    return (self.frames - 1) // st + 1, self.height // sh, self.width // sw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,36 +185,6 @@ def compile_program(fn: Callable, args: Sequence[Any], mesh) -> dict[str, Any]:
           "temp_bytes": int(mem.temp_size_in_bytes)}
 
 
-def transformer_flops(cfg: TransformerConfig, video: VideoShape) -> dict[str, float]:
-  """Analytic FLOPs (2 per multiply-add) of one forward of one sample, by part.
-
-  Per layer: self-attention projections 4·2·S·D², its QK and PV 2·2·S²·D; cross-attention q/out
-  projections 2·2·S·D², text and image k/v projections 2·2·(T + I)·D², QK and PV 2·2·S·(T + I)·D;
-  FFN 2·2·S·D·F. Outside the layers: patch embedding, text / image / time embedders, output head.
-  Elementwise work (norms, RoPE, softmax, modulation) is left out: it is < 1%.
-  """
-  f, h, w = video.latent_grid
-  pt, ph, pw = cfg.patch_size
-  s = (f // pt) * (h // ph) * (w // pw)
-  d, ffn, n = cfg.inner_dim, cfg.ffn_dim, cfg.num_layers
-  tl, il = video.text_len, video.image_len if cfg.image_dim else 0
-  per_layer = {
-      "projections_ffn": 4 * 2 * s * d * d + 2 * 2 * s * d * d + 2 * 2 * s * d * ffn,
-      "self_attention": 2 * 2 * s * s * d,
-      "cross_attention": 2 * 2 * (tl + il) * d * d + 2 * 2 * s * (tl + il) * d,
-  }
-  patch = 2 * s * (cfg.in_channels * pt * ph * pw) * d
-  text = 2 * tl * (cfg.text_dim * d + d * d)
-  image = 2 * il * (cfg.image_dim * cfg.image_dim + cfg.image_dim * d) if cfg.image_dim else 0
-  time_ = 2 * (cfg.freq_dim * d + d * d + d * 6 * d)
-  head = 2 * s * d * cfg.out_channels * pt * ph * pw
-  out = {f"{k}_per_layer": float(v) for k, v in per_layer.items()}
-  out["embed_and_head"] = float(patch + text + image + time_ + head)
-  out["tokens"] = float(s)
-  out["total"] = float(n * sum(per_layer.values()) + out["embed_and_head"])
-  return out
-
-
 def compile_transformer(target: str, mesh_cfg: MeshConfig, overrides: Sequence[str] = (),
                         video: VideoShape = VideoShape(), preset: str = "a2_14b") -> dict[str, Any]:
   """Compiles the sampling forward of `preset`'s transformer for `target` on `mesh_cfg`.
@@ -318,7 +270,7 @@ def compile_train_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence[st
   counts); `flops_with_remat` adds the recomputed forward of full remat. A LoRA preset (train.lora
   set, e.g. a2_14b_lora) compiles the LoRA step: `flops` as a2jax.train.metrics counts it, and
   `lora_params` the number of trained parameters."""
-  from a2jax.train import metrics, step as train_step
+  from a2jax.train import step as train_step
   cfg = configs.load(preset, overrides=list(overrides))
   devices = target_devices(target)
   mesh = sharding.make_mesh(mesh_cfg, devices)
@@ -335,7 +287,7 @@ def compile_train_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence[st
                 flops_with_remat=forwards * video.batch * flops["total"],
                 flops_per_sample=flops["total"], peak_gib=round(result["peak_bytes"] / GIB, 2))
   if cfg.train.lora is not None:
-    model_flops = metrics.step_flops(cfg, {k: v.shape for k, v in args[1].items()})
+    model_flops = step_flops(cfg, {k: v.shape for k, v in args[1].items()})
     result.update(program="lora_train_step", flops=model_flops,
                   flops_with_remat=model_flops + (forwards - 3) * video.batch * flops["total"],
                   lora_params=sum(x.size for x in jax.tree.leaves(args[0].params)))

@@ -18,17 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from a2jax import preprocess
+from a2jax.video import TEMPORAL_STRIDE, latent_frames
 from a2jax.errors import InputError
 
 MASK_CHANNELS = 4
-TEMPORAL_STRIDE = 4
-
-
-def latent_frames(frames: int) -> int:
-  """Latent frames of a video of `frames` = 4k+1 pixel frames."""
-  if frames < 1 or (frames - 1) % TEMPORAL_STRIDE:
-    raise InputError(f"{frames} frames: use 4k+1 frames (e.g. 17, 33, 81)")
-  return (frames - 1) // TEMPORAL_STRIDE + 1
 
 
 def check_reference_count(num_refs: int, frames: int) -> None:

@@ -24,6 +24,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "offload")
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 QUANTIZED_WEIGHTS = ("native", "int8", "fp8")  # a2jax/models/quant.py
+NUM_TRAIN_TIMESTEPS = 1000  # the flow schedules' training steps; timesteps are 1000·σ
+# The Dense modules of an A2 block that a LoRA may target, as "module.projection": a2jax.models.lora
+# finds each at params["blocks"][module][projection]. The default targets leave out the FFN.
+LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out_0",
+                "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out_0",
+                "attn2.add_k_proj", "attn2.add_v_proj", "ffn.net_0", "ffn.net_2")
 
 # Keys that diffusers / transformers write into every `config.json` and that do not change the
 # computation. Component configs add their own (dropout, initialisation, decoder-only settings).
@@ -45,10 +51,20 @@ def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -
     raise ConfigError(f"{owner}.{name} = {value!r} is not one of {list(choices)}: pick one of them")
 
 
-def _check_positive(owner: str, **values: int) -> None:
+def check_positive(owner: str, **values: float) -> None:
   for name, value in values.items():
-    if value <= 0:
+    if not value > 0:  # NaN included
       raise ConfigError(f"{owner}.{name} = {value} must be positive")
+
+
+def check_distill_timesteps(owner: str, timesteps, num_train_timesteps: int) -> tuple[int, ...]:
+  """The training steps of a step-distilled schedule as ints: decreasing, in (0, num_train_timesteps]."""
+  ts = tuple(int(t) for t in timesteps)
+  if not ts or any(not 0 < t <= num_train_timesteps for t in ts) or any(
+      a <= b for a, b in zip(ts, ts[1:])):
+    raise ConfigError(f"{owner}.distill_timesteps = {list(timesteps)} must be decreasing training "
+                      f"steps in (0, {num_train_timesteps}], e.g. [1000, 750, 500, 250]")
+  return ts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +128,10 @@ class TransformerConfig(ComponentConfig):
 
   def __post_init__(self):
     name = type(self).__name__
-    _check_positive(name, num_attention_heads=self.num_attention_heads,
-                    attention_head_dim=self.attention_head_dim, num_layers=self.num_layers,
-                    ffn_dim=self.ffn_dim, in_channels=self.in_channels,
-                    out_channels=self.out_channels, text_dim=self.text_dim)
+    check_positive(name, num_attention_heads=self.num_attention_heads,
+                   attention_head_dim=self.attention_head_dim, num_layers=self.num_layers,
+                   ffn_dim=self.ffn_dim, in_channels=self.in_channels,
+                   out_channels=self.out_channels, text_dim=self.text_dim)
     if len(self.patch_size) != 3 or min(self.patch_size) <= 0:
       raise ConfigError(f"{name}.patch_size = {self.patch_size} must be three positive ints (t, h, w)")
     if self.freq_dim % 2:
@@ -178,18 +194,18 @@ class VAEConfig(ComponentConfig):
 
   def __post_init__(self):
     name = type(self).__name__
-    _check_positive(name, base_dim=self.base_dim, z_dim=self.z_dim,
-                    num_res_blocks=self.num_res_blocks)
+    check_positive(name, base_dim=self.base_dim, z_dim=self.z_dim,
+                   num_res_blocks=self.num_res_blocks)
     if self.attn_scales:
       raise ConfigError(f"{name}.attn_scales = {self.attn_scales}: diffusers' AutoencoderKLWan cannot "
                         "run attention in its down blocks; use [] (as every Wan VAE does)")
     if self.scale_factor_spatial != 2 ** (len(self.dim_mult) - 1):
       raise ConfigError(f"{name}.scale_factor_spatial = {self.scale_factor_spatial} must be "
                         f"2^(len(dim_mult) − 1) = {2 ** (len(self.dim_mult) - 1)}")
-    _check_positive(name, tile_sample_min_height=self.tile_sample_min_height,
-                    tile_sample_min_width=self.tile_sample_min_width,
-                    tile_sample_stride_height=self.tile_sample_stride_height,
-                    tile_sample_stride_width=self.tile_sample_stride_width)
+    check_positive(name, tile_sample_min_height=self.tile_sample_min_height,
+                   tile_sample_min_width=self.tile_sample_min_width,
+                   tile_sample_stride_height=self.tile_sample_stride_height,
+                   tile_sample_stride_width=self.tile_sample_stride_width)
     if len(self.temperal_downsample) != len(self.dim_mult) - 1:
       raise ConfigError(f"{name}.temperal_downsample needs len(dim_mult) − 1 = "
                         f"{len(self.dim_mult) - 1} entries, got {len(self.temperal_downsample)}")
@@ -228,9 +244,9 @@ class CLIPConfig(ComponentConfig):
 
   def __post_init__(self):
     name = type(self).__name__
-    _check_positive(name, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
-                    num_attention_heads=self.num_attention_heads, patch_size=self.patch_size,
-                    projection_dim=self.projection_dim)
+    check_positive(name, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+                   num_attention_heads=self.num_attention_heads, patch_size=self.patch_size,
+                   projection_dim=self.projection_dim)
     if self.num_hidden_layers < 2:
       raise ConfigError(f"{name}.num_hidden_layers = {self.num_hidden_layers}: the image tokens are "
                         "the penultimate layer's output, use at least 2 layers")
@@ -274,9 +290,9 @@ class UMT5Config(ComponentConfig):
 
   def __post_init__(self):
     name = type(self).__name__
-    _check_positive(name, vocab_size=self.vocab_size, d_model=self.d_model, d_kv=self.d_kv,
-                    d_ff=self.d_ff, num_layers=self.num_layers, num_heads=self.num_heads,
-                    max_length=self.max_length)
+    check_positive(name, vocab_size=self.vocab_size, d_model=self.d_model, d_kv=self.d_kv,
+                   d_ff=self.d_ff, num_layers=self.num_layers, num_heads=self.num_heads,
+                   max_length=self.max_length)
     if self.relative_attention_num_buckets < 4 or self.relative_attention_num_buckets % 2:
       raise ConfigError(f"{name}.relative_attention_num_buckets = "
                         f"{self.relative_attention_num_buckets} must be even and ≥ 4 (umT5: 32)")
@@ -331,7 +347,7 @@ class SamplingConfig:
   # flow schedule shifted by distill_shift; `steps` and `shift` are then unused
   distill_timesteps: tuple[int, ...] = (1000, 750, 500, 250)
   distill_shift: float = 5.0
-  # step caching (README "Fast sampling"): none | mag | teacache | fbcache
+  # step caching (docs/sampling.md "Fast sampling"): none | mag | teacache | fbcache
   cache: str = "none"
   cache_threshold: float | None = None  # None: the mode's default (mag 0.12, teacache 0.26, fbcache 0.05)
   cache_max_skips: int = 4              # mag: at most this many skipped steps in a row
@@ -340,8 +356,8 @@ class SamplingConfig:
 
   def __post_init__(self):
     name = type(self).__name__
-    _check_positive(name, frames=self.frames, height=self.height, width=self.width,
-                    steps=self.steps, fps=self.fps)
+    check_positive(name, frames=self.frames, height=self.height, width=self.width,
+                   steps=self.steps, fps=self.fps)
     if (self.frames - 1) % 4:
       raise ConfigError(f"{name}.frames = {self.frames} must be 4k+1 (e.g. 17, 33, 81)")
     if self.height % 16 or self.width % 16:
@@ -351,7 +367,7 @@ class SamplingConfig:
     _check_choice(name, "sampler", self.sampler, SAMPLERS)
     _check_choice(name, "condition_posterior", self.condition_posterior, ("mean", "sample"))
     _check_choice(name, "cache", self.cache, CACHES)
-    _check_positive(name, distill_shift=self.distill_shift, cache_max_skips=self.cache_max_skips)
+    check_positive(name, distill_shift=self.distill_shift, cache_max_skips=self.cache_max_skips)
     if self.cache_threshold is not None and self.cache_threshold < 0:
       raise ConfigError(f"{name}.cache_threshold = {self.cache_threshold} must be ≥ 0 (0: never skip)")
     if not 0 <= self.cache_retention <= 1:
@@ -360,15 +376,14 @@ class SamplingConfig:
       raise ConfigError(f"{name}.cache = 'mag' needs cache_calibration: a curve written by "
                         "sample.py --checkpoint FOLDER --prompt ... --calibrate curve.json")
     if self.sampler == "distill":
-      from a2jax.schedulers import Distill
-      Distill(tuple(self.distill_timesteps), self.distill_shift)  # ConfigError on a bad step list
+      check_distill_timesteps(name, self.distill_timesteps, NUM_TRAIN_TIMESTEPS)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
   """Low-rank adapters on the blocks' projections: W' = W + (alpha / rank) · A·B per target (Flax
   kernels (in, out): A (in, rank), B (rank, out) zero at the start). Targets are names of
-  a2jax.models.lora.TARGET_MODULES ("attn1.to_q", "attn2.add_k_proj", "ffn.net_0", …)."""
+  LORA_TARGETS ("attn1.to_q", "attn2.add_k_proj", "ffn.net_0", …)."""
 
   rank: int = 32
   alpha: float = 32.0
@@ -379,12 +394,11 @@ class LoRAConfig:
 
   def __post_init__(self):
     name = type(self).__name__
-    _check_positive(name, rank=self.rank, alpha=self.alpha)
-    from a2jax.models.lora import TARGET_MODULES
-    unknown = sorted(set(self.targets) - set(TARGET_MODULES))
+    check_positive(name, rank=self.rank, alpha=self.alpha)
+    unknown = sorted(set(self.targets) - set(LORA_TARGETS))
     if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
       raise ConfigError(f"{name}.targets = {list(self.targets)}: {unknown[0] + ' is unknown; ' if unknown else ''}"
-                        f"give distinct names among {sorted(TARGET_MODULES)}")
+                        f"give distinct names among {sorted(LORA_TARGETS)}")
 
   @property
   def scale(self) -> float:
@@ -418,7 +432,7 @@ class TrainConfig:
   weight_decay: float = 0.01
   max_grad_norm: float = 1.0
   # Adam's two moments: float32, or bfloat16 (half their memory; full fine-tuning of the 14B on one
-  # v5p-8 host needs it, README "Fine-tuning"); the master parameters stay in param_dtype
+  # v5p-8 host needs it, docs/training.md "Training"); the master parameters stay in param_dtype
   moments_dtype: str = "float32"
   ema_decay: float | None = None       # e.g. 0.9999; null: no EMA parameters
   # checkpoints under {output_dir}/{run_name}/checkpoints/<step>/
@@ -430,16 +444,16 @@ class TrainConfig:
   profile_start_step: int | None = None  # first step traced by jax.profiler; null: no trace
   profile_steps: int = 3
   # null: fine-tune every parameter; a LoRAConfig (e.g. train.lora.rank=32): train low-rank
-  # adapters only, the base parameters frozen in their param_dtype (README "Training a LoRA")
+  # adapters only, the base parameters frozen in their param_dtype (docs/training.md "Training a LoRA")
   lora: LoRAConfig | None = None
 
   def __post_init__(self):
     name = type(self).__name__
-    _check_positive(name, steps=self.steps, batch_size=self.batch_size,
-                    grad_accum_steps=self.grad_accum_steps, checkpoint_every=self.checkpoint_every,
-                    keep_checkpoints=self.keep_checkpoints, log_every=self.log_every,
-                    profile_steps=self.profile_steps, learning_rate=self.learning_rate,
-                    logit_std=self.logit_std, adam_eps=self.adam_eps)
+    check_positive(name, steps=self.steps, batch_size=self.batch_size,
+                   grad_accum_steps=self.grad_accum_steps, checkpoint_every=self.checkpoint_every,
+                   keep_checkpoints=self.keep_checkpoints, log_every=self.log_every,
+                   profile_steps=self.profile_steps, learning_rate=self.learning_rate,
+                   logit_std=self.logit_std, adam_eps=self.adam_eps)
     if self.batch_size % self.grad_accum_steps:
       raise ConfigError(f"{name}.batch_size = {self.batch_size} is not a multiple of "
                         f"grad_accum_steps = {self.grad_accum_steps}")
@@ -490,10 +504,10 @@ class DataConfig:
 
   def __post_init__(self):
     name = type(self).__name__
-    _check_positive(name, frames=self.frames, height=self.height, width=self.width,
-                    frame_stride=self.frame_stride, num_threads=self.num_threads,
-                    prefetch=self.prefetch, synthetic_text_len=self.synthetic_text_len,
-                    synthetic_refs=self.synthetic_refs)
+    check_positive(name, frames=self.frames, height=self.height, width=self.width,
+                   frame_stride=self.frame_stride, num_threads=self.num_threads,
+                   prefetch=self.prefetch, synthetic_text_len=self.synthetic_text_len,
+                   synthetic_refs=self.synthetic_refs)
     _check_choice(name, "source", self.source, ("encoded", "synthetic"))
     for key in ("text_dropout", "ref_dropout"):
       if not 0.0 <= getattr(self, key) <= 1.0:
@@ -506,7 +520,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
-  """How this process joins the others (a2jax.distributed.initialize; README "Multi-host").
+  """How this process joins the others (a2jax.distributed.initialize; docs/multi-host.md "Multi-host").
 
   All null: the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
   JAX_PROCESS_ID fill them; without those, JAX detects TPU pod slices, SLURM and Open MPI itself;
@@ -520,8 +534,8 @@ class DistributedConfig:
 
   def __post_init__(self):
     name = type(self).__name__
-    _check_positive(name, initialization_timeout=self.initialization_timeout,
-                    heartbeat_timeout=self.heartbeat_timeout)
+    check_positive(name, initialization_timeout=self.initialization_timeout,
+                   heartbeat_timeout=self.heartbeat_timeout)
     if self.num_processes is not None and self.num_processes < 1:
       raise ConfigError(f"{name}.num_processes = {self.num_processes} must be ≥ 1")
     if self.process_id is not None and (self.process_id < 0 or (
@@ -675,7 +689,7 @@ def read_yaml(path: pathlib.Path) -> dict[str, Any]:
 # Keys that config.yaml files written by earlier a2jax versions hold (converted folders, runs):
 # dropped on load when they say nothing (null / false), an error naming the replacement otherwise.
 RETIRED_KEYS = {("train", "distributed"): "processes join through the `distributed` section "
-                                          "(README \"Multi-host\"): delete the key"}
+                                          "(docs/multi-host.md \"Multi-host\"): delete the key"}
 
 
 def _drop_retired(raw: dict[str, Any], where: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from a2jax.configs import NUM_TRAIN_TIMESTEPS, check_distill_timesteps, check_positive
 from a2jax.errors import ConfigError
 
 F32 = np.float32
@@ -76,12 +77,6 @@ def _from_diffusers(cls, keys: _DiffusersKeys, raw: dict[str, Any], num_steps: i
   if "disable_corrector" in values:
     values["disable_corrector"] = tuple(values["disable_corrector"])
   return cls(num_steps=num_steps, **values)
-
-
-def _check_positive(owner: str, **values) -> None:
-  for name, value in values.items():
-    if not value > 0:
-      raise ConfigError(f"{owner}.{name} = {value} must be positive")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +194,7 @@ class UniPC(_Schedule):
 
   num_steps: int
   shift: float = 1.0
-  num_train_timesteps: int = 1000
+  num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
   solver_order: int = 2
   solver_type: str = "bh2"
   lower_order_final: bool = True
@@ -228,8 +223,8 @@ class UniPC(_Schedule):
 
   def __post_init__(self):
     name = type(self).__name__
-    _check_positive(name, num_steps=self.num_steps, shift=self.shift,
-                    num_train_timesteps=self.num_train_timesteps, solver_order=self.solver_order)
+    check_positive(name, num_steps=self.num_steps, shift=self.shift,
+                   num_train_timesteps=self.num_train_timesteps, solver_order=self.solver_order)
     if self.solver_type not in self._SOLVER_TYPES:
       raise ConfigError(f"{name}.solver_type = {self.solver_type!r} is not one of "
                         f"{sorted(self._SOLVER_TYPES)}: use 'bh2' (or 'bh1')")
@@ -342,7 +337,7 @@ class Euler(_Schedule):
 
   num_steps: int
   shift: float = 1.0
-  num_train_timesteps: int = 1000
+  num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
 
   DIFFUSERS: ClassVar[_DiffusersKeys] = _DiffusersKeys(
       class_name="FlowMatchEulerDiscreteScheduler",
@@ -355,8 +350,8 @@ class Euler(_Schedule):
                          "time_shift_type"}))
 
   def __post_init__(self):
-    _check_positive(type(self).__name__, num_steps=self.num_steps, shift=self.shift,
-                    num_train_timesteps=self.num_train_timesteps)
+    check_positive(type(self).__name__, num_steps=self.num_steps, shift=self.shift,
+                   num_train_timesteps=self.num_train_timesteps)
 
   @classmethod
   def from_config(cls, raw: dict[str, Any], num_steps: int, **overrides) -> Euler:
@@ -410,18 +405,13 @@ class Distill(_Schedule):
 
   distill_timesteps: tuple[int, ...] = (1000, 750, 500, 250)
   shift: float = 5.0
-  num_train_timesteps: int = 1000
+  num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
 
   def __post_init__(self):
     name = type(self).__name__
-    _check_positive(name, shift=self.shift, num_train_timesteps=self.num_train_timesteps)
-    ts = tuple(int(t) for t in self.distill_timesteps)
-    if not ts or any(not 0 < t <= self.num_train_timesteps for t in ts) or any(
-        a <= b for a, b in zip(ts, ts[1:])):
-      raise ConfigError(f"{name}.distill_timesteps = {list(self.distill_timesteps)} must be "
-                        f"decreasing training steps in (0, {self.num_train_timesteps}], "
-                        "e.g. [1000, 750, 500, 250]")
-    object.__setattr__(self, "distill_timesteps", ts)
+    check_positive(name, shift=self.shift, num_train_timesteps=self.num_train_timesteps)
+    object.__setattr__(self, "distill_timesteps", check_distill_timesteps(
+        name, self.distill_timesteps, self.num_train_timesteps))
 
   @property
   def num_steps(self) -> int:

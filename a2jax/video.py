@@ -1,14 +1,49 @@
-"""Writing and reading mp4 videos (H.264 through imageio-ffmpeg), atomically and reproducibly."""
+"""Videos: frame counts, reading and writing mp4 files (H.264 through imageio-ffmpeg, a static
+ffmpeg binary from PyPI; no TensorFlow, no torch). One module for the data path, the pipeline, the
+app and the demo.
+
+Frames are uint8 (F, H, W, 3) RGB. Writing is atomic (the file appears only when complete) and
+reproducible (equal frames give equal bytes). ffmpeg reads files, so encoded bytes go through a
+temporary file (mp4 keeps its index at either end; a pipe cannot seek).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import tempfile
 import warnings
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from a2jax.errors import InputError
+
+# The Wan VAE folds 4 pixel frames into a latent frame after the first: F = 4k + 1 pixel frames
+# are k + 1 latent frames.
+TEMPORAL_STRIDE = 4
+
+
+def latent_frames(frames: int) -> int:
+  """Latent frames of a video of `frames` = 4k+1 pixel frames."""
+  if frames < 1 or (frames - 1) % TEMPORAL_STRIDE:
+    raise InputError(f"{frames} frames: use 4k+1 frames (e.g. 17, 33, 81)")
+  return (frames - 1) // TEMPORAL_STRIDE + 1
+
+
+@contextlib.contextmanager
+def _atomic(path: pathlib.Path, suffix: str) -> Iterator[pathlib.Path]:
+  """A temporary path beside `path` to write to; renamed to `path` when the block ends without an
+  error, removed otherwise."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{suffix}")
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
 
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int) -> pathlib.Path:
@@ -21,30 +56,33 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int) -> pathlib.
   if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
     raise InputError(f"frames of shape {frames.shape} and dtype {frames.dtype}: expected uint8 "
                      "(F ≥ 1, H, W, 3)")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix or '.mp4'}")
   h, w = frames.shape[1:3]
-  writer = imageio_ffmpeg.write_frames(
-      str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1,
-      quality=None, ffmpeg_log_level="error",
-      output_params=["-crf", "17", "-threads", "1", "-fflags", "+bitexact", "-flags:v",
-                     "+bitexact", "-map_metadata", "-1", "-f", "mp4"])
-  try:
+  with _atomic(path, path.suffix or ".mp4") as tmp:
+    writer = imageio_ffmpeg.write_frames(
+        str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1,
+        quality=None, ffmpeg_log_level="error",
+        output_params=["-crf", "17", "-threads", "1", "-fflags", "+bitexact", "-flags:v",
+                       "+bitexact", "-map_metadata", "-1", "-f", "mp4"])
     with warnings.catch_warnings():  # ffmpeg runs as a subprocess; JAX's threads are not forked
       warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
       writer.send(None)
     for frame in frames:
       writer.send(np.ascontiguousarray(frame))
     writer.close()
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
+  return path
+
+
+def write_arrays(path: str | os.PathLike, **arrays: np.ndarray) -> pathlib.Path:
+  """Writes arrays (a video's uint8 frames, its latents) to an uncompressed .npz that appears only
+  when complete."""
+  path = pathlib.Path(path)
+  with _atomic(path, ".npz") as tmp:
+    np.savez(tmp, **arrays)
   return path
 
 
 def read_mp4(path: str | os.PathLike) -> np.ndarray:
-  """uint8 frames (F, H, W, 3) of a video file."""
+  """uint8 frames (F, H, W, 3) of a whole video file."""
   import imageio_ffmpeg
   reader = imageio_ffmpeg.read_frames(str(path))
   meta = next(reader)
@@ -53,3 +91,55 @@ def read_mp4(path: str | os.PathLike) -> np.ndarray:
   if not frames:
     raise InputError(f"{path} holds no frames: is it a video file?")
   return np.stack(frames)
+
+
+def probe(path: str | os.PathLike) -> tuple[int, float, int, int]:
+  """(frame count, fps, height, width) of a video file; decodes it all, so a corrupt file fails
+  here. Raises InputError when ffmpeg cannot read it."""
+  import imageio_ffmpeg
+  try:
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    reader.close()
+    count, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+  except (OSError, RuntimeError, StopIteration) as e:
+    raise InputError(f"ffmpeg cannot read {path}: {str(e).strip().splitlines()[-1] if str(e) else e!r}")
+  width, height = meta["size"]
+  return int(count), float(meta["fps"]), int(height), int(width)
+
+
+@contextlib.contextmanager
+def _as_file(data: bytes, suffix: str = ".mp4") -> Iterator[str]:
+  with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+    f.write(data)
+    f.flush()
+    yield f.name
+
+
+def read_frames(source: str | os.PathLike | bytes, indices: Sequence[int]) -> np.ndarray:
+  """The frames at increasing `indices` → uint8 (len(indices), H, W, 3). Decodes from the start up
+  to the last index only. `source` is a path or the file's bytes."""
+  import imageio_ffmpeg
+  if isinstance(source, bytes):
+    with _as_file(source) as path:
+      return read_frames(path, indices)
+  wanted = list(indices)
+  if not wanted or wanted != sorted(set(wanted)) or wanted[0] < 0:
+    raise InputError(f"frame indices {wanted[:8]}… must be non-negative and increasing")
+  reader = imageio_ffmpeg.read_frames(str(source))
+  out, decoded = [], 0
+  try:
+    width, height = next(reader)["size"]
+    for raw in reader:
+      if decoded == wanted[len(out)]:
+        out.append(np.frombuffer(raw, np.uint8).reshape(height, width, 3))
+        if len(out) == len(wanted):
+          break
+      decoded += 1
+  except (OSError, RuntimeError, StopIteration) as e:
+    raise InputError(f"ffmpeg cannot decode {source}: {e!r}") from None
+  finally:
+    reader.close()
+  if len(out) != len(wanted):
+    raise InputError(f"{source} has {decoded} frames; frame {wanted[len(out)]} was asked for")
+  return np.stack(out)

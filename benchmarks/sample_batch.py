@@ -12,7 +12,7 @@ each batch size's throughput over batch 1's, measured in the same run.
 (81×480×832, 3 references, bfloat16, splash attention; the CFG pair of each of B videos through
 the DiT, guidance and the UniPC update: `pipeline.denoise_fn` with steps = 1) with B videos, for
 `--target` on `--mesh`: per-chip peak memory, compile time, and videos per hour at the analytic
-FLOPs (a2jax.aot.transformer_flops; a video = `--steps` steps × 2 CFG branches) and `--mfu` of the
+FLOPs (a2jax.flops.transformer_flops; a video = `--steps` steps × 2 CFG branches) and `--mfu` of the
 chips' peak bfloat16 FLOP/s. Run with JAX_PLATFORMS=cpu (and ALLOW_MULTIPLE_LIBTPU_LOAD=1 when
 another process compiles for TPU too).
 """
@@ -107,7 +107,7 @@ def sampling_step_args(cfg, mesh, video, videos: int):
 def tpu(args) -> dict:
   """The full-size sampling step with `args.batch` videos, compiled ahead of time for
   `args.target`."""
-  from a2jax import aot, configs, pipeline, sharding
+  from a2jax import aot, configs, flops, pipeline, sharding
   overrides = ["transformer.attention=splash", *args.overrides]
   cfg = configs.load("a2_14b", overrides=overrides)
   generation = args.target.split(":")[1] if args.target.startswith("tpu:") else None
@@ -116,10 +116,10 @@ def tpu(args) -> dict:
   peak = PEAK_BF16[generation]
   devices = aot.target_devices(args.target)
   mesh = sharding.make_mesh(aot.mesh_arg(args.mesh), devices)
-  video = aot.VideoShape(image_len=257 * 3)
+  video = flops.VideoShape(image_len=257 * 3)
   step = pipeline.denoise_fn(cfg, dataclasses.replace(cfg.sampling, steps=1))
   result = aot.compile_program(step, sampling_step_args(cfg, mesh, video, args.batch), mesh)
-  forward = aot.transformer_flops(cfg.transformer, video)["total"]
+  forward = flops.transformer_flops(cfg.transformer, video)["total"]
   video_flops = args.steps * 2 * forward  # CFG: 2 transformer forwards per step
   seconds = args.batch * video_flops / (len(devices) * peak * args.mfu)
   out = {"target": args.target, "device_kind": devices[0].device_kind, "chips": len(devices),

@@ -24,13 +24,12 @@ import shutil
 import sys
 import time
 
-import jax
 import numpy as np
 import tqdm
 
 from a2jax import checkpoints, configs
 from a2jax.errors import A2JaxError, ConversionError
-from convert_weights import cli, common, release, transformer
+from convert_weights import common, component, release, transformer
 
 FORMATS = ("diffusers", "comfyui")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -52,18 +51,10 @@ class _Component:
 
   def __init__(self, folder: pathlib.Path, name: str, cfg, dtype: str | None):
     self.name, self.cfg = name, cfg
-    self.module = cli.component_module(name)
+    self.module = component.component_module(name)
     self.path = checkpoints.component_path(folder, name)
     self.targets = getattr(self.module, "export_targets", self.module.reference_targets)(cfg)
-    stored = checkpoints.stored_leaves(self.path)
-    want = {tuple(str(k.key) for k in keypath): tuple(leaf.shape) for keypath, leaf
-            in jax.tree_util.tree_leaves_with_path(self.module.init_abstract(cfg))}
-    problems = sorted("/".join(p) for p in set(stored) ^ set(want))
-    problems += sorted(f"{'/'.join(p)} {stored[p].shape} ≠ {shape}" for p, shape in want.items()
-                       if p in stored and tuple(stored[p].shape) != shape)
-    if problems:
-      raise ConversionError(f"{self.path} does not fit its config.yaml section ({len(problems)} "
-                            f"differences, first: {problems[0]}): the folder is damaged or edited")
+    stored = checkpoints.check_leaves(self.path, self.module.init_abstract(cfg))
     self.dtype = None if dtype is None else np.dtype(_numpy_dtype(dtype))
     self.shapes = common.export_shapes(
         self.targets, lambda p: stored[p].dtype if self.dtype is None else self.dtype)

@@ -13,7 +13,7 @@ import argparse
 import pathlib
 from typing import Sequence
 
-from a2jax.errors import run_main
+from a2jax.runner import run_main
 from a2jax.train import checkpointing
 from convert_weights import lora
 

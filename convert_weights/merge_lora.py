@@ -20,9 +20,9 @@ import numpy as np
 import tqdm
 
 from a2jax import checkpoints
-from a2jax.errors import run_main
+from a2jax.runner import run_main
 from a2jax.models import lora as lora_tree
-from convert_weights import common, lora
+from convert_weights import common, lora, transformer
 
 COMPONENT = "transformer"
 
@@ -76,6 +76,8 @@ def merge(argv: Sequence[str] | None) -> int:
   specs = [lora.parse_spec(spec) for spec in args.lora]
   cfg = checkpoints.read_config(args.src)
   src_transformer = checkpoints.component_path(args.src, COMPONENT)
+  # a damaged folder, or one another a2jax version wrote, ends here, before anything is written
+  leaves = checkpoints.check_leaves(src_transformer, transformer.init_abstract(cfg.transformer))
   loaded = lora.read_loras(specs, cfg.transformer)
   for note in (n for one in loaded for n in one.notes):
     print(f"lora: {note}", file=sys.stderr)
@@ -83,7 +85,6 @@ def merge(argv: Sequence[str] | None) -> int:
   try:
     shutil.copytree(args.src, tmp, ignore=lambda d, names: [COMPONENT] if pathlib.Path(d).resolve()
                     == pathlib.Path(args.src).resolve() else [])
-    leaves = checkpoints.stored_leaves(src_transformer)
     bar = tqdm.tqdm(total=len(leaves), desc="merge-lora", unit="leaf", disable=args.no_progress)
     checkpoints.save_params_streaming(
         tmp / COMPONENT, merged_leaves(checkpoints.iter_params(src_transformer), loaded),

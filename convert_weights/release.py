@@ -15,7 +15,8 @@ import shutil
 
 from a2jax import checkpoints, configs
 from a2jax.errors import ConversionError
-from convert_weights import cli, common
+from convert_weights import common
+from convert_weights.component import component_config, component_module, convert_component
 
 # a2jax component -> release subfolder
 SUBFOLDERS = {"transformer": "transformer", "vae": "vae", "clip": "image_encoder",
@@ -59,7 +60,7 @@ def convert_release(src, dst, *, dtype: str | None = None, force: bool = False,
   if missing:
     raise ConversionError(f"{src} is not a SkyReels-A2 release folder: it lacks {', '.join(missing)}/")
   # Configs first, so that an incompatible release fails before anything is written.
-  sections = {name: cli.component_config(cli.component_module(name), src / sub, None, [])
+  sections = {name: component_config(component_module(name), src / sub, None, [])
               for name, sub in SUBFOLDERS.items()}
   if dtype is not None:
     sections = {n: dataclasses.replace(c, param_dtype=dtype) for n, c in sections.items()}
@@ -70,7 +71,7 @@ def convert_release(src, dst, *, dtype: str | None = None, force: bool = False,
   try:
     tmp.mkdir(parents=True)
     for name, sub in SUBFOLDERS.items():
-      cli.convert_component(name, src / sub, None, dtype=dtype, into=tmp, progress=progress,
+      convert_component(name, src / sub, None, dtype=dtype, into=tmp, progress=progress,
                             copy_extras=False)
     for extra in COPIED:
       if (src / extra).is_dir():

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from a2jax import aot, attention, configs, sharding
+from a2jax import aot, attention, configs, flops, sharding
 from a2jax.configs import MeshConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,7 @@ def run_aot(*args, timeout=600):
 
 def check_flops(result):
   cfg = configs.load("a2_14b").transformer
-  per_sample = aot.transformer_flops(cfg, aot.VideoShape())["total"]
+  per_sample = flops.transformer_flops(cfg, flops.VideoShape())["total"]
   assert result["tokens"] == 21 * 30 * 52
   assert result["flops"] == pytest.approx(2 * per_sample)
 
@@ -105,13 +105,13 @@ def test_analytic_flops_match_cost_analysis():
       "transformer.attention_head_dim=128", "transformer.ffn_dim=1024",
       "transformer.added_kv_proj_dim=256", "transformer.param_dtype=float32",
       "transformer.dtype=float32", "transformer.attention=xla"]).transformer
-  video = aot.VideoShape(frames=9, height=128, width=128, batch=1, text_len=64, image_len=257)
+  video = flops.VideoShape(frames=9, height=128, width=128, batch=1, text_len=64, image_len=257)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1), sharding.MESH_AXES)
   args = aot.transformer_args(cfg, mesh, video)
   compiled = jax.jit(aot.transformer_forward(cfg)).lower(*args).compile()
   cost = compiled.cost_analysis()
   xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
-  analytic = aot.transformer_flops(cfg, video)["total"]
+  analytic = flops.transformer_flops(cfg, video)["total"]
   print(f"analytic {analytic:.4g}, XLA {xla_flops:.4g}, ratio {xla_flops / analytic:.4f}")
   assert analytic <= xla_flops <= analytic * (1 + FLOPS_TOL), (analytic, xla_flops)
 

@@ -7,7 +7,7 @@ import pytest
 
 from a2jax import conditioning, preprocess
 from a2jax.data import pipeline, triplets
-from a2jax.data import video as video_io
+from a2jax import video as video_io
 from a2jax.errors import InputError
 from data_util import make_source
 

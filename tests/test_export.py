@@ -14,7 +14,7 @@ import transformers
 from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
 
 from a2jax import checkpoints, configs
-from convert_weights import cli, common, export, release as release_mod, tiny_release
+from convert_weights import cli, common, component, export, release as release_mod, tiny_release
 from convert_weights import transformer as transformer_convert
 from parity import max_rel_err, state_dict_numpy
 from test_transformer import jax_forward, make_inputs, to_original_names, torch_forward
@@ -68,7 +68,7 @@ def test_exported_configs_read_back_equal(exported, sub):
   original = json.loads((src / sub / "config.json").read_text())
   assert {k: original[k] for k in raw if k != "transformers_version"} == {
       k: v for k, v in raw.items() if k != "transformers_version"}
-  module = cli.component_module(name)
+  module = component.component_module(name)
   assert module.CONFIG_CLASS.from_dict(raw) == getattr(checkpoints.read_config(converted), name)
 
 
@@ -83,7 +83,7 @@ def reference_config_keys(sub) -> set[str]:
 def test_every_config_field_is_the_reference_s_or_listed_as_a2jax_s(sub):
   """A field added to an a2jax config must be a reference config key or in A2JAX_FIELDS."""
   name = {v: k for k, v in release_mod.SUBFOLDERS.items()}[sub]
-  module = cli.component_module(name)
+  module = component.component_module(name)
   fields = {f.name for f in dataclasses.fields(module.CONFIG_CLASS)}
   reference = reference_config_keys(sub)
   assert fields - set(module.A2JAX_FIELDS) <= reference
@@ -226,8 +226,8 @@ def test_clip_with_projection_exports_as_clip_vision_model_with_projection(relea
   model.save_pretrained(tmp_path / "image_encoder")
   folder = tmp_path / "a2jax"
   shutil.copytree(converted, folder, ignore=shutil.ignore_patterns("clip"))
-  cli.convert_component("clip", tmp_path / "image_encoder", None, into=folder, progress=False,
-                        overrides=["clip.with_projection=true"], copy_extras=False)
+  component.convert_component("clip", tmp_path / "image_encoder", None, into=folder, progress=False,
+                              overrides=["clip.with_projection=true"], copy_extras=False)
   cfg = checkpoints.read_config(folder)
   checkpoints.write_config(folder, configs.Config(**{
       **{f: getattr(cfg, f) for f in ("transformer", "vae", "umt5", "sampling")},

@@ -3,12 +3,12 @@
 moments in bfloat16, bfloat16 compute, splash attention, the DiT alone) for a TPU v5p-8 (4 chips,
 one host), and of the LoRA step for a v6e-8, without the hardware. One compile per subprocess
 (`python -m a2jax.aot --program train_step`). Larger v5p slices, measured once and not compiled
-here to keep the suite's time (README "Training"): v5p-16 (`v5p:2x2x2`) fsdp 8, float32 moments,
+here to keep the suite's time (docs/training.md "Training"): v5p-16 (`v5p:2x2x2`) fsdp 8, float32 moments,
 74.4 GiB per chip; v5p-128 (`v5p:4x4x4`) fsdp 64, 40.3 GiB."""
 
 import pytest
 
-from a2jax import aot, configs
+from a2jax import configs, flops
 from test_aot import V5P_HBM, run_aot
 
 
@@ -27,7 +27,7 @@ def test_a2_14b_train_step_fits_v5p8():
   assert result["custom_calls"].get("tpu_custom_call", 0) >= 6, result["custom_calls"]  # fwd + bwd
   assert 0 < result["peak_bytes"] < V5P_HBM
   cfg = configs.load("a2_14b_train").transformer
-  forward = aot.transformer_flops(cfg, aot.VideoShape())["total"]
+  forward = flops.transformer_flops(cfg, flops.VideoShape())["total"]
   assert result["tokens"] == 21 * 30 * 52
   assert result["flops"] == pytest.approx(3 * 4 * forward)
   assert result["flops_with_remat"] == pytest.approx(4 * 4 * forward)

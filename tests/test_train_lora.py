@@ -191,7 +191,7 @@ def base(tmp_path_factory):
   """(random diffusers WanTransformer3DModel folder of tiny_train's widths, its a2jax conversion)."""
   from diffusers import WanTransformer3DModel
   from convert_weights import tiny_release
-  from convert_weights.cli import convert_component
+  from convert_weights.component import convert_component
   t = configs.load("tiny_train").transformer
   widths = dict(tiny_release.TRANSFORMER, attention_head_dim=t.attention_head_dim,
                 image_dim=t.image_dim, added_kv_proj_dim=t.added_kv_proj_dim)

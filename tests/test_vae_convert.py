@@ -12,7 +12,7 @@ from a2jax import checkpoints
 from a2jax.configs import VAEConfig
 from a2jax.errors import ConversionError
 from a2jax.models import vae as vae_lib
-from convert_weights import cli
+from convert_weights import cli, component
 from convert_weights import vae as convert
 from tests.parity import max_rel_err, randomize_torch_, state_dict_numpy
 
@@ -141,7 +141,7 @@ def test_cli_errors_leave_nothing_behind(ref, tmp_path, kind, capsys):
       sd["post_quant_conv.weight"] = torch.zeros(4, 4, 1, 1, 2)
     save_file(sd, weights)
   with pytest.raises(ConversionError):
-    cli.convert_component("vae", src, dst, progress=False)
+    component.convert_component("vae", src, dst, progress=False)
   assert cli.main(["vae", "--src", str(src), "--dst", str(dst), "--no-progress"]) == 2
   assert "error:" in capsys.readouterr().err
   assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]

@@ -21,23 +21,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from a2jax import sharding
+from a2jax import configs, sharding
 
-# config name -> a2jax module path inside params["blocks"]: every Dense of an A2 block.
+# config name ("module.projection") -> its path inside params["blocks"]: every Dense of an A2 block.
 TARGET_MODULES: dict[str, tuple[str, str]] = {
-    "attn1.to_q": ("attn1", "to_q"),
-    "attn1.to_k": ("attn1", "to_k"),
-    "attn1.to_v": ("attn1", "to_v"),
-    "attn1.to_out_0": ("attn1", "to_out_0"),
-    "attn2.to_q": ("attn2", "to_q"),
-    "attn2.to_k": ("attn2", "to_k"),
-    "attn2.to_v": ("attn2", "to_v"),
-    "attn2.to_out_0": ("attn2", "to_out_0"),
-    "attn2.add_k_proj": ("attn2", "add_k_proj"),
-    "attn2.add_v_proj": ("attn2", "add_v_proj"),
-    "ffn.net_0": ("ffn", "net_0"),
-    "ffn.net_2": ("ffn", "net_2"),
-}
+    name: tuple(name.split(".")) for name in configs.LORA_TARGETS}
 # The attention projections (self, text cross-attention and image branch); not the feed-forward.
 DEFAULT_TARGETS: tuple[str, ...] = tuple(n for n in TARGET_MODULES if not n.startswith("ffn."))
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from a2jax import conditioning, sharding
+from a2jax import conditioning, sharding, video
 from a2jax.configs import Config
 from a2jax.data.encoded import encoded_dataset
 from a2jax.errors import ConfigError
@@ -25,7 +25,7 @@ def record_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
   """Per-sample shapes of encoded records for the configured bucket (data.frames × height × width,
   data.synthetic_text_len text tokens, data.synthetic_refs references)."""
   data, t = cfg.data, cfg.transformer
-  f = conditioning.latent_frames(data.frames)
+  f = video.latent_frames(data.frames)
   h, w = data.height // cfg.vae.scale_factor_spatial, data.width // cfg.vae.scale_factor_spatial
   z = t.out_channels
   if t.in_channels != 2 * z + conditioning.MASK_CHANNELS:

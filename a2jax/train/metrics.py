@@ -1,13 +1,5 @@
-"""Training metrics: throughput from analytic FLOPs, a JSONL file, TensorBoard events, a progress
-line, and a jax.profiler window.
-
-FLOPs are analytic (`a2jax.aot.transformer_flops`: matmuls of one forward), not XLA's cost analysis,
-which counts a scanned layer loop once and Pallas kernels not at all. A training step is counted as
-3 forwards per sample (forward + backward); rematerialisation is not counted, so MFU here is model
-FLOPs utilisation, comparable across remat policies. A LoRA step computes no weight gradient for
-the frozen kernels: it counts 2 forwards (forward, gradient of the activations) plus the weight
-gradients of the targeted projections (through which the adapters' gradients flow); the adapters'
-own rank-r matmuls are left out (< 0.5%).
+"""Training metrics: throughput and MFU from the analytic FLOP model (a2jax.flops), a JSONL file,
+TensorBoard events, a progress line, and a jax.profiler window.
 """
 
 from __future__ import annotations
@@ -20,8 +12,6 @@ from typing import Any
 
 import jax
 
-from a2jax import aot
-from a2jax.configs import Config
 
 # Dense bfloat16 peak FLOP/s per device, keyed by a lower-case substring of `device.device_kind`;
 # the first matching key wins (so "v5 lite" precedes "v5").
@@ -38,37 +28,12 @@ PEAK_FLOPS = (
     ("h100", 989e12),      # SXM; dense, no sparsity
     ("a100", 312e12),
 )
-FORWARDS_PER_STEP = 3
 
 
 def peak_flops(device_kind: str) -> float | None:
   """Peak bfloat16 FLOP/s of one device of this kind, or None when unknown (CPU)."""
   kind = device_kind.lower()
   return next((peak for key, peak in PEAK_FLOPS if key in kind), None)
-
-
-def step_flops(cfg: Config, batch_shapes: dict[str, tuple[int, ...]]) -> float:
-  """Analytic model FLOPs of one training step on a global batch of these shapes."""
-  b, f, h, w, _ = batch_shapes["latents"]
-  st, ss = cfg.vae.scale_factor_temporal, cfg.vae.scale_factor_spatial
-  video = aot.VideoShape(frames=(f - 1) * st + 1, height=h * ss, width=w * ss, batch=b,
-                         text_len=batch_shapes["text"][1], image_len=batch_shapes["image"][1])
-  forward = aot.transformer_flops(cfg.transformer, video)
-  if cfg.train.lora is None:
-    return FORWARDS_PER_STEP * b * forward["total"]
-  return b * ((FORWARDS_PER_STEP - 1) * forward["total"]
-              + cfg.transformer.num_layers * lora_weight_gradient_flops(cfg, video, forward["tokens"]))
-
-
-def lora_weight_gradient_flops(cfg: Config, video: aot.VideoShape, tokens: float) -> float:
-  """FLOPs of one sample's weight gradients (x^T · dy, 2 per multiply-add) of the LoRA targets of
-  one layer: the same count as the projection's forward matmul."""
-  t = cfg.transformer
-  d, text, image = t.inner_dim, video.text_len, video.image_len if t.image_dim else 0
-  rows = {"attn2.to_k": text, "attn2.to_v": text, "attn2.add_k_proj": image,
-          "attn2.add_v_proj": image}
-  width = {"ffn.net_0": t.ffn_dim, "ffn.net_2": t.ffn_dim}
-  return sum(2 * rows.get(name, tokens) * d * width.get(name, d) for name in cfg.train.lora.targets)
 
 
 class MetricsWriter:
