@@ -2,12 +2,13 @@
 
     python train.py configs/a2_14b_train.yaml run_name=a2_ft output_dir=/ckpt key=value …
 
-The same command runs on every host of a pod (README "Multi-host": processes join through the
+The same command runs on every host of a pod (docs/multi-host.md "Multi-host": processes join through the
 `distributed` section or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). `run_name=`
 and `output_dir=` (any bare key of the `train` section) set `train.*`; other overrides are dotted
 (`mesh.fsdp=8`, `data.data_dir=…`).
 Everything lands under {output_dir}/{run_name}/: config.yaml, checkpoints/<step>/ (orbax),
-metrics.jsonl, tensorboard/ (events and profiler traces).
+metrics.jsonl, tensorboard/ (events and profiler traces), train.log (the libraries' log records:
+orbax, grain, JAX, absl; train.process_<i>.log for process i of several).
 
 The script reads top to bottom: config, distributed, mesh, model/optimizer/shardings, restore,
 data, step, loop. Resume order (restore): the latest complete checkpoint of the run (its state; the
@@ -38,8 +39,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from a2jax import checkpoints, configs, distributed, sharding
-from a2jax.errors import TrainingError, run_main
+from a2jax import checkpoints, configs, distributed, logs, sharding
+from a2jax.errors import TrainingError
+from a2jax.runner import run_main
+from a2jax.flops import step_flops
 from a2jax.train import batches, metrics, optimizer
 from a2jax.train.checkpointing import Checkpoints
 from a2jax.train.preemption import PreemptionNotice
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
   init_key, step_key = jax.jit(lambda: tuple(jax.random.split(jax.random.key(tc.seed))),
                                out_shardings=(replicated, replicated))()
 
-  with jax.set_mesh(mesh):
+  # from here on the libraries (orbax, grain, JAX) log into the run folder, not the terminal
+  with logs.to_file(logs.process_file(run_dir, "train")), jax.set_mesh(mesh):
     # --- restore (resume order in the module docstring) ----------------------------------------
     ckpt = Checkpoints(ckpt_dir, every=tc.checkpoint_every, keep=tc.keep_checkpoints,
                        async_save=tc.async_checkpoints)
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     train_step = distributed.compile_together(jit_train_step(cfg, tx, mesh, shardings, b_shardings),
                                               state, batch, step_key, name="train step")
-    flops = metrics.step_flops(cfg, {k: v.shape for k, v in batch.items()})
+    flops = step_flops(cfg, {k: v.shape for k, v in batch.items()})
     peak = metrics.peak_flops(jax.devices()[0].device_kind)
     print(f"compiled the train step in {time.perf_counter() - began:.1f} s; "
           f"{flops / 1e12:.1f} TFLOP per step (analytic)", flush=True)

@@ -32,7 +32,8 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
 from a2jax import configs, conditioning, preprocess, video  # noqa: E402
-from a2jax.errors import A2JaxError, InputError, run_main  # noqa: E402
+from a2jax.errors import A2JaxError, InputError  # noqa: E402
+from a2jax.runner import run_main  # noqa: E402
 
 EXAMPLES_DIR = pathlib.Path(__file__).parent / "app_examples"
 REFERENCE_SLOTS = 3  # subjects / objects, in order; the background has its own slot
@@ -91,7 +92,7 @@ def advanced_options() -> list[Option]:
       _text("distill timesteps", "distill_timesteps", _int_list,
             lambda steps: ",".join(map(str, steps))),
       _number("distill shift", "distill_shift", precision=None),
-      _choice("step cache (README: Fast sampling)", "cache", configs.CACHES),
+      _choice("step cache (docs/sampling.md: Fast sampling)", "cache", configs.CACHES),
       _number("cache threshold (empty: the mode's default; 0: never skip)", "cache_threshold",
               precision=None),
       _text("MagCache calibration curve (JSON of sample.py --calibrate)", "cache_calibration",

@@ -1,6 +1,7 @@
 """The embedded default: a small A2 model trained on this CPU, sampled on combinations it never saw.
 
-    python -m a2jax.demo [--out out/demo] [--retrain]          (make demo, make demo RETRAIN=1)
+    python -m a2jax.demo [--out out/demo] [--retrain] [--vae-steps N] [key=value …]
+                                                        (make demo, make demo RETRAIN=1)
 
 Every stage runs the library's own code paths (configs/demo.yaml gives the model):
 1. data     the synthetic_elements/demo dataset (a2jax.data.synthetic): training clips of one
@@ -18,7 +19,11 @@ Every stage runs the library's own code paths (configs/demo.yaml gives the model
             (references, then frames), and the synthetic fidelity scores (a2jax.eval.fidelity) of
             the trained model, of an untrained transformer with the same VAE, and of the truth
             passed through the VAE.
-A stage whose output exists is reused; --retrain starts again after the data.
+A stage whose output exists is reused; --retrain starts again after the data. `--vae-steps 2
+train.steps=2 train.warmup_steps=1 sampling.steps=1` runs every stage at a token size: a check of
+the setup (its time is mostly compiling), not a useful model.
+The terminal shows the demo's lines and progress bars; the libraries' log records (TFDS, orbax,
+grain, JAX, absl) go to OUT/demo.log and train.py's to OUT/runs/dit/train.log.
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ import tqdm
 from PIL import Image, ImageDraw
 
 from a2jax import checkpoints, conditioning, configs, text, video
+from a2jax import logs
 from a2jax.data import encode, encoded, synthetic
-from a2jax.errors import ConfigError, TrainingError, run_main
+from a2jax.errors import ConfigError, TrainingError
+from a2jax.runner import run_main
 from a2jax.eval import fidelity
 from a2jax.models import clip as clip_model
 from a2jax.models import transformer as transformer_model
@@ -80,12 +87,13 @@ class VAETraining:
 
 class Paths:
   """The demo's folders under OUT, one a stage: data, model (the converted folder), encoded,
-  runs (train.py's), samples."""
+  runs (train.py's), samples; and demo.log, the libraries' log records (a2jax.logs)."""
 
   def __init__(self, out: pathlib.Path):
     self.out = pathlib.Path(out)
     self.data, self.model, self.encoded, self.runs, self.samples = (
         self.out / name for name in ("data", "model", "encoded", "runs", "samples"))
+    self.log = self.out / "demo.log"
 
 
 def log(message: str) -> None:
@@ -177,7 +185,7 @@ def latent_statistics(vae_params, cfg: configs.VAEConfig, clips: Sequence[np.nda
   are encoded as images (a much smaller program than the video encoder)."""
   vae = WanVAE(cfg)
   encode_fn = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode)[0])
-  frames = np.concatenate([clip[::conditioning.TEMPORAL_STRIDE] for clip in clips])[:, None]
+  frames = np.concatenate([clip[::video.TEMPORAL_STRIDE] for clip in clips])[:, None]
   means = np.concatenate([np.asarray(encode_fn(vae_params, to_vae_pixels(frames[i:i + 32])))
                           .reshape(-1, cfg.z_dim) for i in range(0, len(frames) - 31, 32)])
   return tuple(float(v) for v in means.mean(0)), tuple(float(v) for v in means.std(0))
@@ -346,14 +354,20 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", default="out/demo", help="where everything is written")
   parser.add_argument("--retrain", action="store_true",
                       help="train the model again (the dataset is kept)")
+  parser.add_argument("--vae-steps", type=int, default=VAETraining.steps, metavar="N",
+                      help="the VAE's training steps for a new training (default %(default)s; a "
+                           "few, with train.steps=…, check every stage quickly)")
   parser.add_argument("overrides", nargs="*", metavar="key=value",
                       help="overrides of configs/demo.yaml for a new training (train.steps=100)")
   args = parser.parse_args(argv)
   cfg = configs.load(CONFIG, args.overrides)
   paths = Paths(pathlib.Path(args.out).resolve())
-  if args.overrides and not args.retrain and (paths.model / "vae").is_dir():
-    raise ConfigError(f"overrides apply to a new training, and {paths.model} is already trained: "
-                      "add --retrain (make demo RETRAIN=1) or drop the overrides")
+  if args.vae_steps < 1:
+    raise ConfigError(f"--vae-steps {args.vae_steps}: train the VAE for at least 1 step")
+  if ((args.overrides or args.vae_steps != VAETraining.steps) and not args.retrain
+      and (paths.model / "vae").is_dir()):
+    raise ConfigError(f"overrides and --vae-steps apply to a new training, and {paths.model} is "
+                      "already trained: add --retrain (make demo RETRAIN=1) or drop them")
   # Compiled programs are cached on disk: a second run skips the compiles.
   jax.config.update("jax_compilation_cache_dir", str(paths.out / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -371,26 +385,30 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{name}: {timings[name]:.0f} s")
     return out
 
-  data = stage("data", synthetic.build, paths.data, DATASET)
-  source = data.as_data_source()
-  train_records = [source["train"][i] for i in range(len(source["train"]))]
-  heldout_records = [source["heldout"][i] for i in range(min(SCORED, len(source["heldout"])))]
-  trained_now = False
-  if not (paths.model / "vae").is_dir():
-    stage("model", build_model_folder, paths, cfg, train_records, VAETraining())
-    trained_now = True
-  if not (paths.encoded / encoded.SPEC_FILE).is_file():
-    stage("encode", encode_clips, paths, train_records)
-  if not (paths.model / "transformer").is_dir():
-    stage("dit", train_transformer, paths)
-    trained_now = True
-  if not trained_now:
-    log(f"reusing the trained model in {paths.model} (--retrain / make demo RETRAIN=1 to train "
-        "again)")
-  summary = stage("sample", sample_and_score, paths, heldout_records)
+  with logs.to_file(paths.log) as log_file:
+    data = stage("data", synthetic.build, paths.data, DATASET)
+    source = data.as_data_source()
+    train_records = [source["train"][i] for i in range(len(source["train"]))]
+    heldout_records = [source["heldout"][i] for i in range(min(SCORED, len(source["heldout"])))]
+    trained_now = False
+    if not (paths.model / "vae").is_dir():
+      stage("model", build_model_folder, paths, cfg, train_records,
+            dataclasses.replace(VAETraining(), steps=args.vae_steps))
+      trained_now = True
+    if not (paths.encoded / encoded.SPEC_FILE).is_file():
+      stage("encode", encode_clips, paths, train_records)
+    if not (paths.model / "transformer").is_dir():
+      stage("dit", train_transformer, paths)
+      trained_now = True
+    if not trained_now:
+      log(f"reusing the trained model in {paths.model} (--retrain / make demo RETRAIN=1 to train "
+          "again)")
+    summary = stage("sample", sample_and_score, paths, heldout_records)
   print_scores(summary, len(heldout_records))
   print(f"\nvideos and strips (references, then frames): {paths.samples}/*.mp4, *.png "
         f"(both: {paths.samples}/demo.png); scores: {paths.samples}/scores.json")
+  print(f"the libraries' log records (TFDS, orbax, JAX): {log_file}, "
+        f"{paths.runs / 'dit' / 'train.log'}")
   print(f"total {time.perf_counter() - start:.0f} s wall, {cpu_seconds() - cpu_start:.0f} s CPU "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
   return 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from a2jax import checkpoints, configs, demo, text
-from a2jax.errors import run_main
+from a2jax.runner import run_main
 from a2jax.data import synthetic
 from a2jax.models.vae import WanVAE
 
@@ -94,10 +94,15 @@ def test_short_training_beats_an_untrained_transformer(tmp_path):
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
-  """An unknown override, or overrides for an already trained model, end with one line, exit 2."""
+  """An unknown override, no VAE steps, or overrides / --vae-steps for an already trained model
+  end with one line, exit 2."""
   assert run_main(demo.main, ["--out", str(tmp_path), "train.stepz=3"]) == 2
   assert capsys.readouterr().err.strip().startswith("error: unknown key config.train.stepz")
+  assert run_main(demo.main, ["--out", str(tmp_path), "--vae-steps", "0"]) == 2
+  assert capsys.readouterr().err.strip().startswith("error: --vae-steps 0: train the VAE")
   (tmp_path / "model" / "vae").mkdir(parents=True)
-  assert run_main(demo.main, ["--out", str(tmp_path), "train.steps=300"]) == 2
-  err = capsys.readouterr().err.strip()
-  assert err.startswith("error: overrides apply to a new training") and "\n" not in err
+  for args in (["train.steps=300"], ["--vae-steps", "5"]):
+    assert run_main(demo.main, ["--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: overrides and --vae-steps apply to a new training"), err
+    assert "\n" not in err

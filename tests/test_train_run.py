@@ -43,7 +43,7 @@ import os, pathlib, signal, sys, time
 import numpy as np
 sys.path.insert(0, {repo!r})
 import train
-from a2jax.errors import run_main
+from a2jax.runner import run_main
 from a2jax.train import batches
 
 mode, at, *argv = sys.argv[1:]
@@ -348,7 +348,7 @@ def test_init_from_a_converted_folder(tmp_path, env, data_dir, straight):
 
 
 def test_peak_flops_table_and_analytic_step_flops():
-  from a2jax import aot
+  from a2jax import flops
   from a2jax.train import metrics
   assert metrics.peak_flops("TPU v5 lite") == 197e12 and metrics.peak_flops("TPU v5") == 459e12
   assert metrics.peak_flops("TPU v6 lite") == 918e12
@@ -356,5 +356,5 @@ def test_peak_flops_table_and_analytic_step_flops():
   assert metrics.peak_flops("cpu") is None
   cfg = configs.load("a2_14b")
   shapes = {"latents": (2, 21, 60, 104, 16), "text": (2, 512, 4096), "image": (2, 771, 1280)}
-  forward = aot.transformer_flops(cfg.transformer, aot.VideoShape())["total"]  # one 81×480×832 sample
-  assert metrics.step_flops(cfg, shapes) == 3 * 2 * forward
+  forward = flops.transformer_flops(cfg.transformer, flops.VideoShape())["total"]  # one 81×480×832 sample
+  assert flops.step_flops(cfg, shapes) == 3 * 2 * forward

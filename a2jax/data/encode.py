@@ -24,8 +24,9 @@ written to a temporary file and renamed, so after an interruption the same comma
 shards already written and finishes the rest (`encode.json` in OUT records the settings; a resume
 with different ones is refused). `spec.json` is written last. On several hosts every process runs
 the same command and loop (the models are sharded over all of them; processes join as in train.py,
-README "Multi-host") and process 0 writes; `--distributed` makes a process that finds no others
-stop with an error instead of encoding alone.
+docs/multi-host.md "Multi-host") and process 0 writes; `--distributed` makes a process that finds no others
+stop with an error instead of encoding alone. The libraries' log records (absl, grain, JAX, …) are
+appended to OUT/encode.log (OUT/encode.process_<i>.log for process i of several).
 """
 
 from __future__ import annotations
@@ -51,9 +52,12 @@ from jax.experimental import multihost_utils
 from a2jax import checkpoints, conditioning, distributed, preprocess, sharding, text
 from a2jax.configs import Config
 from a2jax.data import encoded, pipeline, triplets
-from a2jax.errors import InputError, run_main
+from a2jax import logs
+from a2jax.errors import InputError
+from a2jax.runner import run_main
 from a2jax.models import clip as clip_model
 from a2jax.models.vae import WanVAE, normalize_latents
+from a2jax.video import latent_frames
 
 TOKENIZER_DIR = "tokenizer"
 IMAGE_PROCESSOR_DIR = "image_processor"
@@ -64,7 +68,7 @@ POSTERIORS = ("mean", "sample")
 def features(cfg: Config, num_refs: int) -> dict[str, dict[str, Any]]:
   """The encoded records' shapes for the bucket of `cfg.data` and `num_refs` references."""
   d, v = cfg.data, cfg.vae
-  f = conditioning.latent_frames(d.frames)
+  f = latent_frames(d.frames)
   h, w = d.height // v.scale_factor_spatial, d.width // v.scale_factor_spatial
   shapes = {"latents": [f, h, w, v.z_dim], "condition": [f, h, w, conditioning.MASK_CHANNELS + v.z_dim],
             "text": [cfg.umt5.max_length, cfg.umt5.d_model],
@@ -290,11 +294,12 @@ def main(argv: list[str] | None = None) -> None:
     raise InputError("--distributed, but no other process was found: set distributed.* (or "
                      "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every "
                      "process, or run on a TPU pod slice, SLURM or Open MPI")
-  encoder = Encoder.from_folder(args.checkpoint, args.overrides,
-                                target_posterior=args.target_posterior)
-  encode_dataset(args.src, encoder, args.dst, split=args.split,
-                 num_references=args.num_references, records_per_shard=args.records_per_shard,
-                 batch_size=args.batch_size)
+  with logs.to_file(logs.process_file(args.dst, "encode")):
+    encoder = Encoder.from_folder(args.checkpoint, args.overrides,
+                                  target_posterior=args.target_posterior)
+    encode_dataset(args.src, encoder, args.dst, split=args.split,
+                   num_references=args.num_references, records_per_shard=args.records_per_shard,
+                   batch_size=args.batch_size)
 
 
 if __name__ == "__main__":

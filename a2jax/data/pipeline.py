@@ -27,9 +27,8 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from a2jax import conditioning, preprocess
+from a2jax import conditioning, preprocess, video as video_io
 from a2jax.data import encoded, triplets
-from a2jax.data import video as video_io
 from a2jax.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ def triplet_dataset(data_dir: str | os.PathLike, *, frames: int, height: int, wi
                      f"was built with min_frames = {meta['min_frames']}: rebuild it with "
                      f"--min-frames {span}, or use fewer frames / a smaller stride")
   encoded.check_probabilities(text_dropout=text_dropout, ref_dropout=ref_dropout)
-  conditioning.latent_frames(frames)
+  video_io.latent_frames(frames)
   ds = grain.MapDataset.source(builder.as_data_source()[split])
   ds = encoded.shard_for_host(ds, shard_index, shard_count)
   ds = (ds.shuffle(seed=seed) if shuffle else ds).repeat(num_epochs)

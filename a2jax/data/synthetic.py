@@ -25,6 +25,7 @@ never seen together in training (each one alone is seen: the held-out share of p
 ```bash
 python -m a2jax.data.synthetic --data-dir DATA [--config demo] [--export-triplets DIR]
 ```
+(the libraries' log records, TFDS's and absl's, are appended to DATA/synthetic_elements.log).
 Stored per clip (no TensorFlow needed): name, caption, `spec` (the Clip as JSON), the frames as
 PNG bytes (lossless), frame count / fps / size, and the references as PNG bytes with their roles
 (the features of `a2jax.data.triplets`, with PNG frames instead of mp4). `export_triplets` writes
@@ -47,8 +48,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
-from a2jax import conditioning, preprocess
-from a2jax.errors import InputError, run_main
+from a2jax import conditioning, preprocess, video
+from a2jax import logs
+from a2jax.errors import InputError
+from a2jax.runner import run_main
 
 SHAPES = ("circle", "square", "triangle", "star", "ring")
 # Saturated element colours; backgrounds use their own muted palette (distinct names and tones).
@@ -340,7 +343,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
   def __post_init__(self):
-    conditioning.latent_frames(self.frames)
+    video.latent_frames(self.frames)
     if self.height % 16 or self.width % 16 or min(self.height, self.width) < 32:
       raise InputError(f"{self.height}×{self.width}: use multiples of 16, at least 32")
     if not 1 <= self.min_elements <= self.max_elements <= 2:
@@ -475,7 +478,8 @@ def build(data_dir: str | os.PathLike, config: str | SyntheticConfig = "demo",
     if verbose:
       print(f"{b.data_dir} already exists: reusing it (delete it to rebuild)")
     return b
-  b.download_and_prepare()
+  with logs.quiet_tfds():
+    b.download_and_prepare()
   if verbose:
     print(f"{b.data_dir}: " + ", ".join(f"{s} {b.info.splits[s].num_examples}" for s in SPLITS))
   return b
@@ -526,7 +530,6 @@ def export_triplets(data_dir: str | os.PathLike, dst: str | os.PathLike, *,
                     config: str | SyntheticConfig = "demo", splits: Sequence[str] = SPLITS) -> None:
   """Writes splits in the triplet manifest format (`a2jax.data.triplets`): clips/<name>.mp4,
   refs/<name>_<k>.png and <split>.jsonl, for `python -m a2jax.data.triplets --src DST`."""
-  from a2jax import video
   b = open_dataset(data_dir, config)
   dst = pathlib.Path(dst)
   (dst / "clips").mkdir(parents=True, exist_ok=True)
@@ -554,11 +557,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--export-triplets", default=None, metavar="DIR",
                       help="also write both splits in the triplet manifest format to DIR")
   args = parser.parse_args(argv)
-  build(args.data_dir, args.config)
-  if args.export_triplets:
-    export_triplets(args.data_dir, args.export_triplets, config=args.config)
-    print(f"triplet manifests in {args.export_triplets}: python -m a2jax.data.triplets --src "
-          f"{args.export_triplets} --data-dir …")
+  with logs.to_file(pathlib.Path(args.data_dir, f"{SyntheticElements.name}.log")):
+    build(args.data_dir, args.config)
+    if args.export_triplets:
+      export_triplets(args.data_dir, args.export_triplets, config=args.config)
+      print(f"triplet manifests in {args.export_triplets}: python -m a2jax.data.triplets --src "
+            f"{args.export_triplets} --data-dir …")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ stdout.
 ```bash
 python -m a2jax.data.triplets --src SRC_DIR --data-dir DATA_DIR --min-frames 81
 ```
+The libraries' log records (TFDS, absl, …) are appended to DATA_DIR/triplets.log (a2jax.logs).
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from a2jax import preprocess
-from a2jax.data import video as video_io
-from a2jax.errors import InputError, run_main
+from a2jax import video as video_io
+from a2jax import logs
+from a2jax.errors import InputError
+from a2jax.runner import run_main
 
 ROLES = ("subject", "object", "background")
 REPORT_FILE = "bad_records.json"
@@ -261,7 +264,8 @@ def build(src_dir: str | os.PathLike, data_dir: str | os.PathLike, *, min_frames
     if verbose:
       print(f"{builder.data_dir} already exists: reusing it (delete it to rebuild)")
     return builder
-  builder.download_and_prepare()
+  with logs.quiet_tfds():
+    builder.download_and_prepare()
   report = {split: {"written": builder.info.splits[split].num_examples, "bad": len(bad),
                     "reasons": dict(collections.Counter(b["reason"] for b in bad)),
                     "bad_records": bad}
@@ -296,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="clips with fewer frames are bad records; (frames − 1)·stride + 1 of "
                            "the training bucket (default 81)")
   args = parser.parse_args(argv)
-  build(args.src, args.data_dir, min_frames=args.min_frames)
+  with logs.to_file(pathlib.Path(args.data_dir, f"{Triplets.name}.log")):
+    build(args.src, args.data_dir, min_frames=args.min_frames)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,8 @@ def read_checkpoint(directory: str | os.PathLike,
       "point at a run's {output_dir}/{run_name}/checkpoints after train.py has saved one")
   if not os.path.isdir(directory):
     raise missing(step)
-  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+  # a reader saves nothing: saying so spares orbax's warning that it sets save_interval_steps=0
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
   with ocp.CheckpointManager(os.fspath(directory), options=options,
                              item_names=("state", "config")) as manager:
     step = max(manager.all_steps(), default=None) if step is None else step
