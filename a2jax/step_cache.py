@@ -1,5 +1,5 @@
 """Step caching inside the compiled sampling loop: reuse the block stack's residual on steps where the
-model's output barely changes (README "Fast sampling", DESIGN.md §12).
+model's output barely changes (docs/sampling.md "Fast sampling", DESIGN.md §12).
 
 Every mode splits the transformer into embed → blocks → head (`A2Transformer.embed`, `run_blocks`,
 `head`); embed and head run at every step, and on a skipped step the blocks are replaced by the

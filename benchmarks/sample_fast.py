@@ -1,5 +1,5 @@
 """Fast sampling modes against the full run: transformer passes, wall time, PSNR / SSIM of the decoded
-frames (README "Fast sampling").
+frames (docs/sampling.md "Fast sampling").
 
     JAX_PLATFORMS=cpu .venv/bin/python benchmarks/sample_fast.py [--steps 50] [--quick]
 

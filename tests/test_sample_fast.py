@@ -1,4 +1,4 @@
-"""Fast sampling (README "Fast sampling"): guidance 1 as one branch, the distill sampler and step
+"""Fast sampling (docs/sampling.md "Fast sampling"): guidance 1 as one branch, the distill sampler and step
 caching (mag, teacache, fbcache) inside the one compiled loop: exactness where they promise it,
 transformer passes counted by the program, sharded runs equal to single-device runs, and the
 `sample.py` flags end to end (calibrate, then sample with MagCache).

@@ -7,7 +7,7 @@ projection of every layer alive between the forward and the backward pass. Here 
 (kernel + scale · a @ b, in the kernel's dtype) and runs `Block`; under the config's remat the body
 is recomputed in the backward pass, so only one layer's merged kernels exist at a time.
 Measured ahead of time, the full-size step at 81×480×832 still needs 42 GiB of temporaries per
-v6e chip (README "Training a LoRA"): not yet where it should be.
+v6e chip (docs/training.md "Training a LoRA"): not yet where it should be.
 
 Shapes: lora tree {"blocks": {module: {projection: {"lora_a": (L, in, r), "lora_b": (L, r, out)}}}}
 mirroring params["blocks"] (kernels (L, in, out)).

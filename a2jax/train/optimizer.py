@@ -6,7 +6,7 @@ Gradient accumulation is a scan over micro-batches in `a2jax.train.step`, not an
 every optimizer step is one `train_step` call and the schedule counts optimizer steps.
 
 Adam's two moments are stored in `train.moments_dtype`: float32 (optax's AdamW as is) or bfloat16,
-which halves their memory (what lets the 14B's full fine-tune fit a v5p-8: README "Training").
+which halves their memory (what lets the 14B's full fine-tune fit a v5p-8: docs/training.md "Training").
 The bfloat16 update is computed in float32 (see `bfloat16_moments`).
 """
 
