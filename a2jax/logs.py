@@ -36,13 +36,21 @@ def process_file(folder: str | os.PathLike, stem: str) -> pathlib.Path:
   return pathlib.Path(folder, f"{stem}{suffix}.log")
 
 
+class _FileOnFirstRecord(logging.FileHandler):
+  """Opens its file, and makes its folder, at the first record: a command that fails on bad input
+  before any library logs leaves nothing behind."""
+
+  def _open(self):
+    pathlib.Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+    return super()._open()
+
+
 @contextlib.contextmanager
 def to_file(path: str | os.PathLike) -> Iterator[pathlib.Path]:
-  """Inside the block, the records of LOGGERS, INFO and up, are appended to `path` (its folder
-  made) and not shown on the terminal."""
+  """Inside the block, the records of LOGGERS, INFO and up, are appended to `path` (file and
+  folder made at the first record) and not shown on the terminal."""
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  handler = logging.FileHandler(path, encoding="utf-8")
+  handler = _FileOnFirstRecord(path, encoding="utf-8", delay=True)
   handler.setFormatter(logging.Formatter(FORMAT))
   loggers = [logging.getLogger(name) for name in LOGGERS]
   saved = [(logger.level, logger.propagate) for logger in loggers]
