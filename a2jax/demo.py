@@ -48,7 +48,7 @@ import optax
 import tqdm
 from PIL import Image, ImageDraw
 
-from a2jax import checkpoints, conditioning, configs, text, video
+from a2jax import checkpoints, configs, text, video
 from a2jax import logs
 from a2jax.data import encode, encoded, synthetic
 from a2jax.errors import ConfigError, TrainingError
