@@ -7,6 +7,7 @@ softmax statistics are float32. Device-specific code lives here and nowhere else
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -21,6 +22,7 @@ BACKENDS = ("xla", "cudnn", "splash")
 SPLASH_BLOCK_Q = 512
 SPLASH_BLOCK_KV_SELF = 512
 SPLASH_BLOCK_KV_CROSS = 128
+CPU_QUERY_CHUNK = 256  # query rows per step of the CPU form of `xla` (see _xla_cpu)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "xla",
@@ -52,7 +54,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "xla",
 
 
 def _xla(q, k, v, scale, bias, kv_mask):
-  """Plain XLA attention: bf16/f32 matmuls with float32 logits and softmax."""
+  """Plain XLA attention: bf16/f32 matmuls with float32 logits and softmax. The CPU gets its own
+  form (`_xla_cpu`), chosen when the program is lowered: an ahead-of-time compile for a TPU or a
+  GPU from this CPU gets the plain one."""
+  return jax.lax.platform_dependent(
+      q, k, v, cpu=functools.partial(_xla_cpu, scale=scale, bias=bias, kv_mask=kv_mask),
+      default=functools.partial(_xla_plain, scale=scale, bias=bias, kv_mask=kv_mask))
+
+
+def _xla_plain(q, k, v, *, scale, bias, kv_mask):
   logits = jnp.einsum("bshd,blhd->bhsl", q, k, preferred_element_type=jnp.float32) * scale
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
@@ -61,6 +71,46 @@ def _xla(q, k, v, scale, bias, kv_mask):
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("bhsl,blhd->bshd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.astype(q.dtype)
+
+
+def _xla_cpu(q, k, v, *, scale, bias, kv_mask):
+  """The plain attention's arithmetic arranged for XLA:CPU (same float32 logits and softmax).
+
+  - Heads-major (B, H, S, D) operands: with (B, S, H, D) ones XLA:CPU transposes the whole
+    (H, S, L) probability matrix before the value product (a copy as large as the logits).
+  - The softmax is normalised after the value product, on (S, D) instead of (S, L).
+  - Queries run in a loop of chunks of about CPU_QUERY_CHUNK rows, so that each chunk's logits
+    stay in the cache between the two products instead of streaming S × L × H floats through
+    memory; each query's softmax still spans all keys, so chunking changes no arithmetic.
+  Measured on a 2-core AVX2 machine, 1,950 queries onto 1,950 keys, 12 heads × 128: 0.55 s of CPU
+  time against the plain form's 1.0 s (chunks of 128 to 256 rows alike; 390 rows: 0.8 s).
+  """
+  b, s, h, d = q.shape
+  qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # (B, H, ·, D)
+  chunks = -(-s // CPU_QUERY_CHUNK)
+  rows = -(-s // chunks)  # chunks of equal size: at most `chunks` − 1 padded query rows
+
+  def chunk_attention(qc, bias_c):
+    """qc (B, H, rows, D), bias_c (B|1, H, rows, L) | None → (B, H, rows, D) float32."""
+    logits = jnp.einsum("bhsd,bhld->bhsl", qc, kt, preferred_element_type=jnp.float32) * scale
+    if bias_c is not None:
+      logits = logits + bias_c.astype(jnp.float32)
+    if kv_mask is not None:
+      logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    out = jnp.einsum("bhsl,bhld->bhsd", e.astype(v.dtype), vt, preferred_element_type=jnp.float32)
+    return out / jnp.sum(e, axis=-1, keepdims=True)
+
+  if chunks == 1:
+    out = chunk_attention(qt, bias)
+  else:
+    pad = ((0, 0), (0, 0), (0, chunks * rows - s), (0, 0))
+    split = lambda x: jnp.moveaxis(jnp.pad(x, pad).reshape(*x.shape[:2], chunks, rows, x.shape[3]),
+                                   2, 0)  # (chunks, ·, H, rows, ·)
+    out = jax.lax.map(lambda a: chunk_attention(*a),
+                      (split(qt), None if bias is None else split(bias)))
+    out = jnp.moveaxis(out, 0, 2).reshape(b, h, chunks * rows, d)[:, :, :s]
+  return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
 def _round_up(n: int, m: int) -> int:

@@ -32,6 +32,21 @@ LATENTS = (5, 30, 52)
 TEXT_LEN, IMAGE_LEN = 512, 257
 
 
+def cpu_description() -> str:
+  """The CPU's model name and the vector extensions that decide the matmul kernels (Linux), e.g.
+  'AMD EPYC (avx2 fma)': XLA's and torch's kernels differ most across these, so ratios measured
+  on different CPUs are not comparable."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      first_cpu = f.read().split("\n\n")[0].splitlines()
+  except OSError:
+    return "unknown CPU"
+  info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first_cpu)}
+  flags = info.get("flags", "").split()
+  isa = [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if x in flags]
+  return f"{info.get('model name', 'unknown CPU')} ({' '.join(isa)})"
+
+
 def interleaved_medians(fns, repeats: int, warmup: int = 1) -> list[float]:
   """Median seconds of each function, timed in alternation so that both see the same load."""
   for fn in fns:
@@ -72,7 +87,8 @@ def main(argv=None) -> None:
   tokens = f * (h // 2) * (w // 2)
   print(f"A2 DiT {DIMS['num_attention_heads']}×{DIMS['attention_head_dim']} wide, "
         f"{DIMS['num_layers']} layers, ffn {DIMS['ffn_dim']}; {tokens} video + {TEXT_LEN} text + "
-        f"{IMAGE_LEN} image tokens, batch 1; {os.cpu_count()} CPU threads")
+        f"{IMAGE_LEN} image tokens, batch 1; {os.cpu_count()} CPU threads, {cpu_description()}, "
+        f"{jax.device_count()} JAX device(s)")
 
   for dtype in ("float32", "bfloat16"):
     tdt = getattr(torch, dtype)
