@@ -1,7 +1,12 @@
-"""Elements-to-video sampling from a converted SkyReels-A2 folder.
+"""Elements-to-video sampling from a converted SkyReels-A2 or SkyReels-V3 R2V folder.
 
   python sample.py --checkpoint a2jax-14b --prompt "A man is holding a teddy bear in the forest." \
       --ref man.png --ref bear.png --background forest.png --out video.mp4
+  python sample.py --checkpoint a2jax-v3-r2v --prompt "..." --ref man.png --ref bear.png \
+      --resolution 540P --out video.mp4
+
+The folder's family decides the conditioning and the defaults (docs/models.md "Model families");
+`--image-guidance` and `--resolution` are SkyReels-V3 R2V's.
 
 Many videos with one compiled program: `--jobs jobs.jsonl`, one JSON object per line:
   {"prompt": "...", "refs": ["man.png", "bear.png"], "background": "forest.png", "out": "a.mp4",
@@ -28,12 +33,13 @@ import time
 
 import numpy as np
 
-from a2jax import conditioning, configs, preprocess, video
+from a2jax import conditioning_v3, configs, families, preprocess, video
 from a2jax.errors import InputError
 from a2jax.runner import run_main
 
 JOB_KEYS = ("prompt", "refs", "background", "out", "negative_prompt", "seed")
-SAMPLING_FLAGS = ("frames", "height", "width", "steps", "guidance", "shift", "seed", "sampler",
+SAMPLING_FLAGS = ("frames", "height", "width", "steps", "guidance", "image_guidance", "shift",
+                  "seed", "sampler",
                   "distill_timesteps", "distill_shift", "cache", "cache_threshold",
                   "cache_max_skips", "cache_retention", "cache_calibration")
 
@@ -57,18 +63,24 @@ def parse_args(argv):
                  help="a subject / object reference image (repeat for several, in order)")
   p.add_argument("--background", type=pathlib.Path, help="the background reference image")
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("video.mp4"), help="output mp4")
-  p.add_argument("--negative-prompt", help="default: the release's negative prompt")
+  p.add_argument("--negative-prompt", help="default: the folder's (A2: the release's negative "
+                 "prompt; V3 R2V: none)")
   p.add_argument("--jobs", type=pathlib.Path, help="JSONL file of jobs (see above) instead of "
                  "--prompt/--ref/--background/--out")
   p.add_argument("--batch", type=int, help="videos per compiled program (default: the mesh's data "
                  "axis size); rows are sharded over the mesh's data and fsdp axes")
-  p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (release: 81)")
-  p.add_argument("--height", type=int, help="multiple of 16 (release: 480)")
-  p.add_argument("--width", type=int, help="multiple of 16 (release: 832)")
-  p.add_argument("--steps", type=int, help="denoising steps (release: 50)")
-  p.add_argument("--guidance", type=float, help="classifier-free guidance scale (release: 5.0)")
-  p.add_argument("--shift", type=float, help="flow shift (release: 8.0)")
-  p.add_argument("--seed", type=int, help="noise seed (release: 42)")
+  p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (A2: 81, V3 R2V: 121)")
+  p.add_argument("--height", type=int, help="multiple of 16 (A2: 480, V3 R2V: 720)")
+  p.add_argument("--width", type=int, help="multiple of 16 (A2: 832, V3 R2V: 1280)")
+  p.add_argument("--resolution", choices=conditioning_v3.RESOLUTIONS, help="V3 R2V: the video "
+                 "size from the first reference's aspect ratio at this area, as its release "
+                 "(instead of --height/--width)")
+  p.add_argument("--steps", type=int, help="denoising steps (A2: 50, V3 R2V: 8)")
+  p.add_argument("--guidance", type=float, help="(text) guidance scale (A2: 5.0, V3 R2V: 1.0)")
+  p.add_argument("--image-guidance", type=float, help="V3 R2V: reference guidance scale, used "
+                 "above guidance 1 (1.0)")
+  p.add_argument("--shift", type=float, help="flow shift (A2: 8.0, V3 R2V: 5.0)")
+  p.add_argument("--seed", type=int, help="noise seed (42)")
   p.add_argument("--sampler", choices=configs.SAMPLERS, help="unipc (release), euler, or distill "
                  "(a step-distilled model, e.g. --sampler distill --guidance 1 with lightx2v's LoRA)")
   fast = p.add_argument_group("fast sampling (docs/sampling.md \"Fast sampling\")")
@@ -159,13 +171,13 @@ def read_jobs(args) -> list[Job]:
   return jobs
 
 
-def validate(jobs: list[Job], sampling: configs.SamplingConfig) -> None:
+def validate(jobs: list[Job], sampling: configs.SamplingConfig, family) -> None:
   """Everything that can be checked before a model is loaded."""
   outs = set()
   for job in jobs:
     if not job.prompt.strip():
       raise InputError(f"empty prompt for {job.out}: describe the video to generate")
-    conditioning.check_reference_count(num_refs(job), sampling.frames)
+    family.check(sampling, num_refs(job))
     for path in [*job.refs, *([job.background] if job.background else [])]:
       if not path.is_file():
         raise InputError(f"reference image {path} does not exist")
@@ -181,12 +193,13 @@ def num_refs(job: Job) -> int:
   return len(job.refs) + (job.background is not None)
 
 
-def batches(jobs: list[Job], size: int) -> list[list[Job]]:
-  """Jobs in batches of `size` that share their reference count N (in file order within one N);
-  the last short batch of each N is filled with its last job, so that one program fits all."""
-  groups: dict[int, list[Job]] = {}
+def batches(jobs: list[Job], size: int, key=num_refs) -> list[list[Job]]:
+  """Jobs in batches of `size` that share their `key` (the reference count N, with --resolution
+  also the size), in file order within one key; the last short batch of each key is filled with
+  its last job, so that one program fits all."""
+  groups: dict[object, list[Job]] = {}
   for job in jobs:
-    groups.setdefault(num_refs(job), []).append(job)
+    groups.setdefault(key(job), []).append(job)
   out = []
   for group in groups.values():
     for start in range(0, len(group), size):
@@ -195,12 +208,29 @@ def batches(jobs: list[Job], size: int) -> list[list[Job]]:
   return out
 
 
-def sampling_config(args, base: configs.SamplingConfig) -> configs.SamplingConfig:
+def sampling_config(args, base: configs.SamplingConfig, family) -> configs.SamplingConfig:
+  if args.resolution is not None and (family.name != "v3_r2v" or args.height or args.width):
+    raise InputError("--resolution is SkyReels-V3 R2V's size rule and replaces --height/--width"
+                     if family.name == "v3_r2v" else "--resolution is a SkyReels-V3 R2V option: "
+                     "give an A2 folder --height and --width")
+  if args.image_guidance is not None and family.name != "v3_r2v":
+    raise InputError("--image-guidance is a SkyReels-V3 R2V option; an A2 folder has one "
+                     "guidance (--guidance)")
   flags = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
   if args.keep_reference_frames:
     flags["drop_reference_frames"] = False
   raw = {**configs.to_dict(base), **flags}
   return configs.build(configs.SamplingConfig, raw, "sampling")
+
+
+def video_size(job: Job, resolution: str | None, sampling: configs.SamplingConfig
+               ) -> tuple[int, int]:
+  """(height, width) of a job's video: with --resolution from its first reference, else the
+  sampling config's."""
+  if resolution is None:
+    return sampling.height, sampling.width
+  first = job.refs[0] if job.refs else job.background
+  return conditioning_v3.video_size(preprocess.load_image(first), resolution)
 
 
 def grid_frames(frames: np.ndarray, references: list[np.ndarray]) -> np.ndarray:
@@ -220,14 +250,16 @@ def request(job: Job):
 
 
 def calibrate(pipe, jobs: list[Job], sampling: configs.SamplingConfig, out: pathlib.Path,
-              writer: bool) -> int:
-  """MagCache's curve of full runs of the jobs (their mean), written for --cache-calibration by
-  the `writer` process."""
+              writer: bool, sizes: dict[int, tuple[int, int]]) -> int:
+  """MagCache's curve of full runs of the jobs (their mean, each at its size `sizes[id(job)]`),
+  written for --cache-calibration by the `writer` process."""
   from a2jax import step_cache
   curves = []
   for job in jobs:
     r = request(job)
-    job_sampling = sampling if job.seed is None else dataclasses.replace(sampling, seed=job.seed)
+    height, width = sizes[id(job)]
+    job_sampling = dataclasses.replace(sampling, height=height, width=width,
+                                       seed=sampling.seed if job.seed is None else job.seed)
     curves.append(pipe.calibrate(r.prompt, r.references, r.background,
                                  negative_prompt=r.negative_prompt, sampling=job_sampling))
   if writer:
@@ -260,10 +292,12 @@ def sample(argv) -> int:
   if args.weights:
     overrides.append(f"transformer.weights={args.weights}")
   cfg = checkpoints.read_config(folder, overrides)
+  family = families.of(cfg)
   distributed.initialize(cfg.distributed)  # before anything touches a device
-  sampling = sampling_config(args, cfg.sampling)
+  sampling = sampling_config(args, cfg.sampling, family)
   jobs = read_jobs(args)
-  validate(jobs, sampling)
+  validate(jobs, sampling, family)
+  sizes = {id(job): video_size(job, args.resolution, sampling) for job in jobs}
   import jax
   writer = jax.process_index() == 0  # the one process that writes files and shows progress
   loras = read_loras(args.lora, cfg.transformer, writer)
@@ -272,13 +306,15 @@ def sample(argv) -> int:
   pipe = pipeline.A2Pipeline.from_folder(folder, mesh=mesh, overrides=overrides, loras=loras)
   load_seconds = time.perf_counter() - start
   if args.calibrate is not None:
-    return calibrate(pipe, jobs, sampling, args.calibrate, writer)
+    return calibrate(pipe, jobs, sampling, args.calibrate, writer, sizes)
   size = args.batch or mesh.shape["data"]
   totals: dict[str, float] = {}
   written = 0
-  for batch in batches(jobs, size):
+  for batch in batches(jobs, size, key=lambda job: (num_refs(job), sizes[id(job)])):
     requests = [request(job) for job in batch]
-    result = pipe.generate(requests, sampling=sampling,
+    height, width = sizes[id(batch[0])]
+    batch_sampling = dataclasses.replace(sampling, height=height, width=width)
+    result = pipe.generate(requests, sampling=batch_sampling,
                            progress=not args.no_progress and writer)
     for k, v in result.timings.items():
       totals[k] = totals.get(k, 0.0) + v
@@ -296,7 +332,7 @@ def sample(argv) -> int:
         video.write_mp4(job.out.with_name(job.out.stem + "_grid.mp4"), grid_frames(frames, refs),
                         sampling.fps)
       print(f"[{written}/{len(jobs)}] wrote {job.out} ({frames.shape[0]} frames, "
-            f"{sampling.height}×{sampling.width})", file=sys.stderr)
+            f"{height}×{width})", file=sys.stderr)
   if writer:
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in totals.items() if k != "compile")
     print(f"timings: load {load_seconds:.1f}s, compile {totals.get('compile', 0.0):.1f}s, "

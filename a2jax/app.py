@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence  # noqa: E402
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
-from a2jax import configs, conditioning, preprocess, video  # noqa: E402
+from a2jax import configs, preprocess, video  # noqa: E402
 from a2jax.errors import A2JaxError, InputError  # noqa: E402
 from a2jax.runner import run_main  # noqa: E402
 
@@ -181,7 +181,7 @@ class App:
     references, bg = read_references(refs, background)
     if not references and bg is None:
       raise InputError("no reference images: upload at least one subject, object or background")
-    conditioning.check_reference_count(len(references) + (bg is not None), sampling.frames)
+    self.pipe.family.check(sampling, len(references) + (bg is not None))
     seen, _ = self.pipe.reference_images(references, bg, sampling.height, sampling.width)
     start = time.perf_counter()
     pipe = self.pipeline_with(options.get("loras") or ())
@@ -211,8 +211,6 @@ def examples() -> list[list[Any]]:
 def build_ui(app: App):
   """The page: references, prompt, negative prompt, seed, the advanced accordion; the video, the
   references as the model saw them, a status line."""
-  from a2jax.pipeline import DEFAULT_NEGATIVE_PROMPT
-
   defaults = app.pipe.cfg.sampling
   with gr.Blocks(title="a2jax: SkyReels-A2 elements-to-video") as demo:
     gr.Markdown("# a2jax: elements to video\nReferences (subjects / objects in order, then a "
@@ -225,7 +223,7 @@ def build_ui(app: App):
           background = reference_image("background", "background")
         prompt = gr.Textbox(label="prompt", lines=2, elem_id="prompt")
         negative = gr.Textbox(defaults.negative_prompt if defaults.negative_prompt is not None
-                              else DEFAULT_NEGATIVE_PROMPT, label="negative prompt", lines=2,
+                              else app.pipe.family.default_negative_prompt, label="negative prompt", lines=2,
                               elem_id="negative_prompt")
         options = [_number("seed (the same seed gives the same video)", "seed")]
         widgets = [options[0].widget(app)]

@@ -24,6 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "offload")
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 QUANTIZED_WEIGHTS = ("native", "int8", "fp8")  # a2jax/models/quant.py
+MODEL_FAMILIES = ("a2", "v3_r2v")  # a2jax/families.py
 NUM_TRAIN_TIMESTEPS = 1000  # the flow schedules' training steps; timesteps are 1000·σ
 # The Dense modules of an A2 block that a LoRA may target, as "module.projection": a2jax.models.lora
 # finds each at params["blocks"][module][projection]. The default targets leave out the FFN.
@@ -336,6 +337,7 @@ class SamplingConfig:
   width: int = 832
   steps: int = 50
   guidance: float = 5.0
+  image_guidance: float | None = None  # v3_r2v only: the reference guidance (None: 1)
   shift: float = 8.0
   seed: int = 42
   sampler: str = "unipc"
@@ -364,6 +366,8 @@ class SamplingConfig:
       raise ConfigError(f"{name}: height {self.height} and width {self.width} must be multiples of 16")
     if self.shift <= 0:
       raise ConfigError(f"{name}.shift = {self.shift} must be positive")
+    if self.image_guidance is not None and self.image_guidance < 0:
+      raise ConfigError(f"{name}.image_guidance = {self.image_guidance} must be ≥ 0")
     _check_choice(name, "sampler", self.sampler, SAMPLERS)
     _check_choice(name, "condition_posterior", self.condition_posterior, ("mean", "sample"))
     _check_choice(name, "cache", self.cache, CACHES)
@@ -546,8 +550,10 @@ class DistributedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """A whole a2jax config: one section per component, the mesh, sampling, training and data."""
+  """A whole a2jax config: the model family (a2jax/families.py), one section per component, the
+  mesh, sampling, training and data. A v3_r2v config's clip section is unused."""
 
+  family: str = "a2"
   transformer: TransformerConfig = TransformerConfig()
   vae: VAEConfig = VAEConfig()
   clip: CLIPConfig = CLIPConfig()
@@ -557,6 +563,12 @@ class Config:
   train: TrainConfig = TrainConfig()
   data: DataConfig = DataConfig()
   distributed: DistributedConfig = DistributedConfig()
+
+  def __post_init__(self):
+    _check_choice("Config", "family", self.family, MODEL_FAMILIES)
+    if self.family == "a2" and self.sampling.image_guidance is not None:
+      raise ConfigError("sampling.image_guidance is a SkyReels-V3 R2V option (family v3_r2v); an A2 "
+                        "config has one guidance: set image_guidance to null")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,16 +1,17 @@
-"""Elements-to-video sampling: references + prompt → video, on one device or a whole mesh.
+"""Elements-to-video sampling: references + prompt → video, on one device or a whole mesh, for
+either model family of a converted folder (a2jax/families.py: SkyReels-A2, SkyReels-V3 R2V).
 
-Stages (DESIGN.md §1): text (umT5, prompt and negative prompt in one batch) · references (CLIP tokens
-of all references; VAE-encoded condition video, normalised, with its 4-channel mask) · denoising
-(classifier-free guidance with the conditional and unconditional branch as one batch of 2, the
-whole scheduler loop one `lax.scan` inside one jitted program per shape) · VAE decode.
+Stages (DESIGN.md §1): text (umT5, prompt and negative prompt in one batch) · references (A2: CLIP
+tokens of all references and the VAE-encoded condition video with its mask; V3 R2V: each reference
+VAE-encoded alone) · denoising (the guidance branches as one batch, the whole scheduler loop one
+`lax.scan` inside one jitted program per shape) · VAE decode.
 
 ```python
 pipe = A2Pipeline.from_folder("a2jax-14b", mesh=sharding.make_mesh(cfg.mesh))
 result = pipe("A man is holding a teddy bear in the forest.",
               references=[load_image("man.png"), load_image("bear.png")],
               background=load_image("forest.png"))
-result.frames   # uint8 (1, F − 4·N, H, W, 3)
+result.frames   # uint8 (1, F − 4·N, H, W, 3) for A2 (its reference frames dropped), (1, F, …) for V3
 result = pipe.generate([Request("A man walks.", [man], forest, seed=1),
                         Request("A bear sits.", [bear], forest, seed=2)])
 result.frames   # uint8 (2, F − 4·N, H, W, 3): the same frames as the two videos one by one
@@ -35,23 +36,18 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from a2jax import (checkpoints, conditioning, distributed, preprocess, schedulers, sharding,
-                    step_cache, text)
+from a2jax import (checkpoints, distributed, families, preprocess, schedulers, sharding, step_cache,
+                   text)
 from a2jax.configs import Config, SamplingConfig
 from a2jax.errors import InputError
+from a2jax.video import latent_frames
 from a2jax.models import clip as clip_model
 from a2jax.models import lora, quant
 from a2jax.models.layers import dtype_of
 from a2jax.models.transformer import A2Transformer, apply_layers
 from a2jax.models.vae import WanVAE, denormalize_latents, normalize_latents
 
-# The release's default negative prompt (a value of its sampling script).
-DEFAULT_NEGATIVE_PROMPT = (
-    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
-    "images, static, overall gray, worst quality, low quality, JPEG compression residue, ugly, "
-    "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
-    "misshapen limbs, fused fingers, still picture, messy background, three legs, many people in "
-    "the background, walking backwards")
+DEFAULT_NEGATIVE_PROMPT = families.A2_NEGATIVE_PROMPT
 
 TOKENIZER_DIR = "tokenizer"
 IMAGE_PROCESSOR_DIR = "image_processor"
@@ -60,8 +56,8 @@ IMAGE_PROCESSOR_DIR = "image_processor"
 @dataclasses.dataclass(frozen=True)
 class Request:
   """One video of a batch. `references` are the subject/object images (uint8 HWC, any of RGB, RGBA,
-  grayscale), `background` the scene; `negative_prompt` None: the sampling config's, else the
-  release's; `seed` None: the sampling config's."""
+  grayscale), `background` the scene (V3 R2V: one more reference, the last); `negative_prompt`
+  None: the sampling config's, else the family's; `seed` None: the sampling config's."""
 
   prompt: str
   references: Sequence[np.ndarray] = ()
@@ -79,14 +75,15 @@ class Request:
 class Conditioning:
   """Everything the denoiser needs for one batch of B videos.
 
-  text, negative_text (B, T, text_dim); image (B, 257·N, image_dim); condition (B, f, h, w, 4 + z)
-  = mask ‖ normalised condition latents; num_refs N; noise_keys (B, 2) uint32: each row's keys for
-  samplers that draw noise at every step (`step_noise_keys` of its seed).
+  text, negative_text (B, T, text_dim); image (B, 257·N, image_dim) for A2, None for V3 R2V;
+  condition: A2 (B, f, h, w, 4 + z) = mask ‖ normalised condition latents, V3 R2V (B, 4, h, w, z)
+  normalised reference latents; num_refs N; noise_keys (B, 2) uint32: each row's keys for samplers
+  that draw noise at every step (`step_noise_keys` of its seed).
   """
 
   text: jax.Array
   negative_text: jax.Array
-  image: jax.Array
+  image: jax.Array | None
   condition: jax.Array
   num_refs: int
   noise_keys: np.ndarray
@@ -122,10 +119,10 @@ def fetch(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def guidance_branches(sampling: SamplingConfig) -> int:
-  """2 (conditional + unconditional) for classifier-free guidance; 1 at guidance 1, where the
-  unconditional branch contributes nothing."""
-  return 1 if sampling.guidance == 1.0 else 2
+def guidance_branches(sampling: SamplingConfig, family: str = "a2") -> int:
+  """Transformer rows per video and step: A2 2 (conditional + unconditional), V3 R2V 3; 1 at
+  guidance 1 (a2jax/families.py)."""
+  return families.FAMILIES[family].branches(sampling)
 
 
 def denoise_fn(cfg: Config, sampling: SamplingConfig,
@@ -133,26 +130,29 @@ def denoise_fn(cfg: Config, sampling: SamplingConfig,
                with_stats: bool = False) -> Callable[..., Any]:
   """The denoising loop for one sampling config, to be jitted:
   (transformer params, noise (B, f, h, w, z), text (B, T, text_dim), negative_text (B, T, text_dim),
-  image (B, I, image_dim), condition (B, f, h, w, 4 + z)[, noise_keys (B, 2) uint32: the distill
-  sampler's per-row PRNG keys]) → latents (B, f, h, w, z), with `with_stats` also the
+  image (B, I, image_dim) | None, condition (`Conditioning.condition`)[, noise_keys (B, 2) uint32:
+  the distill sampler's per-row PRNG keys]) → latents (B, f, h, w, z), with `with_stats` also the
   `step_cache.StepStats` of every step (S, …) (the split path then runs even without a cache).
 
-  Classifier-free guidance runs the conditional and unconditional branch as one batch of 2B (the
-  unconditional one with the negative prompt and the same image tokens), guidance 1 the conditional
-  branch alone; the scheduler loop is one `lax.scan`; a step cache (a2jax/step_cache.py) decides
-  inside it whether the blocks run. `on_step(i)` is called from inside the loop (progress)."""
+  The family's guidance branches run as one batch of branches · B rows (the first with the prompt,
+  the others with the negative prompt; what each sees of the references is the family's), one row
+  per video at guidance 1; the family builds the transformer input and combines the branches, the
+  output is cropped to the video's f frames; the scheduler loop is one `lax.scan`; a step cache
+  (a2jax/step_cache.py) decides inside it whether the blocks run. `on_step(i)` is called from
+  inside the loop (progress)."""
+  family = families.of(cfg)
   sched = scheduler_for(sampling)
   model = A2Transformer(cfg.transformer)
-  guidance, branches = sampling.guidance, guidance_branches(sampling)
+  branches = family.branches(sampling)
   cache = step_cache.for_sampling(sampling, sched.num_steps, cfg.transformer.num_layers, branches)
   split = cache.mode != "none" or with_stats
   timesteps = jnp.asarray(sched.timesteps, jnp.float32)
 
   def denoise(params, noise, text_states, negative_text, image, condition, noise_keys=None):
-    b = noise.shape[0]
-    context = text_states if branches == 1 else jnp.concatenate([text_states, negative_text], 0)
-    image_n = jnp.concatenate([image] * branches, axis=0)
-    cond_n = jnp.concatenate([condition] * branches, axis=0)
+    b, f = noise.shape[:2]
+    context = families.branch_contexts(text_states, negative_text, branches)
+    image_n = None if image is None else jnp.concatenate([image] * branches, axis=0)
+    cond_n = family.branch_conditions(condition, branches)
     apply = functools.partial(model.apply, {"params": params})
 
     def velocity(x_in, t, cache_state, i):
@@ -173,20 +173,19 @@ def denoise_fn(cfg: Config, sampling: SamplingConfig,
 
     def step(carry, i):
       x, state, cache_state = carry
-      x_in = jnp.concatenate([jnp.concatenate([x] * branches, axis=0), cond_n], axis=-1)
+      x_in = family.transformer_input(jnp.concatenate([x] * branches, axis=0), cond_n)
       x_in = sharding.constrain(x_in, ("batch", "frames", "height", "width", "channels"))
       t = jnp.full((branches * b,), timesteps[i])
       v, cache_state, stats = velocity(x_in, t, cache_state, i)
-      if branches == 2:
-        v = v[b:] + guidance * (v[:b] - v[b:])
+      v = family.guide(v[:, :f], b, sampling)
       x, state = sched.step(state, v, x)
       if on_step is not None:
         jax.debug.callback(on_step, i)
       return (x, state, cache_state), stats
 
     pt, ph, pw = cfg.transformer.patch_size
-    f, h, w = noise.shape[1:4]
-    tokens_shape = (branches * b, (f // pt) * (h // ph) * (w // pw), cfg.transformer.inner_dim)
+    f_in, h, w = jax.eval_shape(family.transformer_input, noise, condition).shape[1:4]
+    tokens_shape = (branches * b, (f_in // pt) * (h // ph) * (w // pw), cfg.transformer.inner_dim)
     cache_state = cache.init(tokens_shape, cfg.transformer.inner_dim,
                              dtype_of(cfg.transformer.dtype))
     init = (noise, sched.init(noise, noise_keys), cache_state)
@@ -205,7 +204,7 @@ def transformer_passes(stats: step_cache.StepStats, branches: int) -> float:
 def denoise_program_key(sampling: SamplingConfig) -> tuple:
   """The sampling fields that change the denoising program (not the seed or the prompt)."""
   return (sampling.steps, sampling.shift, sampling.sampler, sampling.guidance,
-          tuple(sampling.distill_timesteps), sampling.distill_shift, sampling.cache,
+          sampling.image_guidance, tuple(sampling.distill_timesteps), sampling.distill_shift, sampling.cache,
           sampling.cache_threshold, sampling.cache_max_skips, sampling.cache_retention,
           sampling.cache_calibration)
 
@@ -217,11 +216,13 @@ def step_noise_keys(seed: int, batch: int) -> jax.Array:
 
 
 class A2Pipeline:
-  """The four components (params on one mesh), the tokenizer and the CLIP image processor."""
+  """The components of the folder's family (params on one mesh), the tokenizer and, for A2, the CLIP
+  image processor (None for V3 R2V)."""
 
   def __init__(self, cfg: Config, params: dict[str, Any], tokenizer, image_processor,
                mesh: jax.sharding.Mesh | None = None):
     self.cfg, self.params, self.mesh = cfg, params, mesh
+    self.family = families.of(cfg)
     self.tokenizer, self.image_processor = tokenizer, image_processor
     self._programs: dict[Any, Callable] = {}
     self.compile_seconds = 0.0
@@ -237,10 +238,12 @@ class A2Pipeline:
     folder = pathlib.Path(folder)
     check_folder(folder)
     cfg = checkpoints.read_config(folder, overrides)
+    family = families.of(cfg)
     params = {name: checkpoints.load_component(folder, name, getattr(cfg, name), mesh)
-              for name in checkpoints.COMPONENTS}
-    pipe = cls(cfg, params, text.load_tokenizer(folder / TOKENIZER_DIR),
-               preprocess.ClipImageProcessor.from_folder(folder / IMAGE_PROCESSOR_DIR), mesh)
+              for name in family.components}
+    processor = (preprocess.ClipImageProcessor.from_folder(folder / IMAGE_PROCESSOR_DIR)
+                 if family.uses_clip else None)
+    pipe = cls(cfg, params, text.load_tokenizer(folder / TOKENIZER_DIR), processor, mesh)
     pipe = pipe.with_loras(loras) if loras else pipe
     # Quantized after the LoRA merge, which needs the float kernels.
     pipe.params["transformer"] = quant.quantize_params(pipe.params["transformer"],
@@ -272,37 +275,44 @@ class A2Pipeline:
 
   def reference_images(self, references: Sequence[np.ndarray], background: np.ndarray | None,
                        height: int, width: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(VAE-branch references (N, H, W, 3) in [−1, 1], the RGB originals in reference order)."""
+    """(what the VAE sees of the references (N, H, W, 3) in [−1, 1], as the family fits them; the
+    RGB originals in reference order, the background last)."""
     originals = [preprocess.to_rgb(r) for r in references]
     bg = None if background is None else preprocess.to_rgb(background)
-    vae_refs = conditioning.reference_pixels(originals, bg, height, width)
-    return vae_refs, originals + ([bg] if bg is not None else [])
+    fitted = self.family.reference_pixels(originals, bg, height, width)
+    return fitted, originals + ([bg] if bg is not None else [])
 
   def condition(self, requests: Sequence[Request], sampling: SamplingConfig,
-                posterior_keys: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(image tokens (B, 257·N, D), condition (B, f, h, w, 4 + z)) of the requests' references
-    (one N for all); `posterior_keys` (one per row) draw the condition latents when
-    `sampling.condition_posterior` is "sample"."""
-    n = requests[0].num_refs
-    conditioning.check_reference_count(n, sampling.frames)
+                posterior_keys: Sequence[jax.Array]) -> tuple[jax.Array | None, jax.Array]:
+    """(image tokens (B, 257·N, D) for A2 else None, `Conditioning.condition`) of the requests'
+    references (one N for all), as the family lays them out; `posterior_keys` (one per row) draw
+    the reference latents when `sampling.condition_posterior` is "sample"."""
     videos, clip_pixels = [], []
     for request in requests:
-      vae_refs, originals = self.reference_images(request.references, request.background,
-                                                  sampling.height, sampling.width)
-      videos.append(conditioning.condition_video(vae_refs, sampling.frames))
-      clip_pixels.append(preprocess.clip_reference_pixels(originals, self.image_processor))
-    image = self._run("clip", lambda p, x: clip_model.encode_references(p, self.cfg.clip, x),
-                      self.params["clip"], np.stack(clip_pixels))
+      fitted, originals = self.reference_images(request.references, request.background,
+                                                sampling.height, sampling.width)
+      videos.append(self.family.vae_input(fitted, sampling.frames))
+      if self.family.uses_clip:
+        clip_pixels.append(preprocess.clip_reference_pixels(originals, self.image_processor))
+    image = None
+    if self.family.uses_clip:
+      image = self._run("clip", lambda p, x: clip_model.encode_references(p, self.cfg.clip, x),
+                        self.params["clip"], np.stack(clip_pixels))
+    # A2: one condition video per row; V3 R2V: one one-frame video per reference.
+    videos = np.stack(videos)
     vae = WanVAE(self.cfg.vae)
     mean, logvar = self._run("vae_encode", lambda p, v: vae.apply({"params": p}, v, method=vae.encode),
-                             self.params["vae"], np.stack(videos))
+                             self.params["vae"], videos.reshape(-1, *videos.shape[-4:]))
+    rows = len(requests)
+    mean, logvar = (a.reshape(rows, -1, *a.shape[-3:]) for a in (mean, logvar))
     latents = mean
     if sampling.condition_posterior == "sample":
       row = (1, *mean.shape[1:])  # each row's draw as in a run of its own
       eps = np.concatenate([np.asarray(jax.random.normal(k, row, mean.dtype))
                             for k in posterior_keys])
       latents = mean + jnp.exp(0.5 * logvar) * eps
-    condition = conditioning.with_mask(normalize_latents(latents, self.cfg.vae), n, sampling.frames)
+    condition = self.family.condition(normalize_latents(latents, self.cfg.vae),
+                                      requests[0].num_refs, sampling)
     return image, condition
 
   def prepare(self, requests: Sequence[Request], sampling: SamplingConfig,
@@ -311,16 +321,17 @@ class A2Pipeline:
     request b alone gets, its seed giving its noise, posterior and step-noise keys. `timings`, when
     given, receives the seconds of encode_text / encode_references (compiles apart)."""
     check_requests(requests)
+    self.family.check(sampling, requests[0].num_refs)
     seeds = [sampling.seed if r.seed is None else r.seed for r in requests]
     noise_keys, posterior_keys = zip(*(jax.random.split(jax.random.key(s)) for s in seeds))
-    default = (DEFAULT_NEGATIVE_PROMPT if sampling.negative_prompt is None
+    default = (self.family.default_negative_prompt if sampling.negative_prompt is None
                else sampling.negative_prompt)
     negatives = [default if r.negative_prompt is None else r.negative_prompt for r in requests]
     text_states, negative_text = self._stage(timings, "encode_text", lambda: self.encode_text(
         [r.prompt for r in requests], negatives))
     image, condition = self._stage(timings, "encode_references", lambda: self.condition(
         requests, sampling, posterior_keys))
-    row = (1, *condition.shape[1:4], self.cfg.vae.z_dim)
+    row = (1, latent_frames(sampling.frames), *condition.shape[2:4], self.cfg.vae.z_dim)
     noise = np.concatenate([np.asarray(jax.random.normal(k, row, jnp.float32)) for k in noise_keys])
     keys = np.concatenate([np.asarray(step_noise_keys(s, 1)) for s in seeds])
     return Conditioning(text_states, negative_text, image, condition, requests[0].num_refs,
@@ -343,7 +354,7 @@ class A2Pipeline:
     already placed)."""
     with self._mesh_context():
       inputs = self._place(inputs)
-      key = (name, tuple((a.shape, str(a.dtype)) for a in inputs))
+      key = (name, tuple(None if a is None else (a.shape, str(a.dtype)) for a in inputs))
       if key not in self._programs:
         start = time.perf_counter()
         self._programs[key] = distributed.compile_together(jax.jit(fn), params, *inputs, name=name)
@@ -411,12 +422,14 @@ class A2Pipeline:
         self._on_progress(done, bar.total)
 
   def _place(self, inputs):
-    """Inputs as device arrays, batch-sharded on the mesh's data/fsdp axes when there is a mesh."""
-    if self.mesh is None:
-      return tuple(jnp.asarray(a) for a in inputs)
-    return tuple(jax.device_put(a, jax.sharding.NamedSharding(
-        self.mesh, sharding.logical_to_spec(("batch",) + (None,) * (a.ndim - 1), a.shape, self.mesh)))
-        for a in inputs)
+    """Inputs as device arrays, batch-sharded on the mesh's data/fsdp axes when there is a mesh
+    (None stays None: V3 R2V has no image tokens)."""
+    def place(a):
+      if a is None or self.mesh is None:
+        return None if a is None else jnp.asarray(a)
+      return jax.device_put(a, jax.sharding.NamedSharding(
+          self.mesh, sharding.logical_to_spec(("batch",) + (None,) * (a.ndim - 1), a.shape, self.mesh)))
+    return tuple(place(a) for a in inputs)
 
   def _mesh_context(self):
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
@@ -448,7 +461,7 @@ class A2Pipeline:
         cond, np.asarray(noise, np.float32), sampling, progress))
     frames = self._stage(timings, "decode", lambda: video_to_uint8(self.decode(latents)))
     if sampling.drop_reference_frames:
-      frames = frames[:, conditioning.reference_frames_to_drop(cond.num_refs):]
+      frames = frames[:, self.family.frames_to_drop(cond.num_refs):]
     return Result(frames, fetch(latents), timings)
 
   def __call__(self, prompt: str, references: Sequence[np.ndarray],
@@ -477,12 +490,17 @@ def check_requests(requests: Sequence[Request]) -> None:
 
 
 def check_folder(folder: pathlib.Path) -> None:
-  """A converted a2jax folder with every component, the tokenizer and the image processor."""
+  """A converted a2jax folder with its config, every component of its family, the tokenizer and (A2)
+  the image processor."""
   from a2jax.errors import CheckpointError
   if not folder.is_dir():
     raise CheckpointError(f"checkpoint folder {folder} does not exist: convert the release with "
                           "python -m convert_weights release --src RELEASE --dst FOLDER")
-  needed = [checkpoints.CONFIG_FILE, *checkpoints.COMPONENTS, TOKENIZER_DIR, IMAGE_PROCESSOR_DIR]
+  # Without a config the family is unknown: list what an A2 folder (the default family) holds.
+  family = (families.of(checkpoints.read_config(folder))
+            if (folder / checkpoints.CONFIG_FILE).is_file() else families.FAMILIES["a2"])
+  needed = [checkpoints.CONFIG_FILE, *family.components, TOKENIZER_DIR,
+            *([IMAGE_PROCESSOR_DIR] * family.uses_clip)]
   missing = [n for n in needed if not (folder / n).exists()]
   if missing:
     raise CheckpointError(f"{folder} lacks {', '.join(missing)}: it is not a complete converted "

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import tqdm
 
-from a2jax import checkpoints, configs
+from a2jax import checkpoints, configs, families
 from a2jax.errors import A2JaxError, ConversionError
 from convert_weights import common, component, release, transformer
 
@@ -74,7 +74,9 @@ def _numpy_dtype(name: str):
 def _check_source(src: pathlib.Path) -> configs.Config:
   if not src.is_dir():
     raise ConversionError(f"--src {src} is not a folder: pass a converted a2jax folder")
-  return checkpoints.read_config(src)
+  cfg = checkpoints.read_config(src)
+  families.require_a2(cfg, str(src))
+  return cfg
 
 
 def export_diffusers(src: pathlib.Path, dst: pathlib.Path, *, dtype: str | None = None,

@@ -1,8 +1,9 @@
-"""The PyTorch reference of elements-to-video sampling, assembled from diffusers / transformers
-components with the release's A2Pipeline semantics (DESIGN.md §1, with its mask rule). It is what
-a2jax's pipeline is checked against (tests/test_pipeline.py) and timed against
-(benchmarks/sample_cpu.py). Inputs are a2jax's preprocessed references, so that preprocessing
-(tested on its own) is not compared twice.
+"""The PyTorch references of elements-to-video sampling, assembled from diffusers / transformers
+components: `TorchA2` with the A2 release's A2Pipeline semantics (DESIGN.md §1, with its mask
+rule), `TorchV3R2V` with SkyReels-V3's reference-to-video pipeline. They are what a2jax's pipeline
+is checked against (tests/test_pipeline.py, tests/test_v3_r2v.py) and timed against
+(benchmarks/sample_cpu.py). TorchA2 takes a2jax's preprocessed references, so that preprocessing
+(tested on its own) is not compared twice; TorchV3R2V fits the references itself, as its release.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ def load_diffusers(cls, folder):
   return model
 
 
+@torch.no_grad()
+def text_states(tokenizer, text_encoder, prompt: str) -> torch.Tensor:
+  """umT5 states (1, 512, D) of the cleaned prompt, zero after its tokens (both releases)."""
+  out = tokenizer([diffusers_prompt_clean(prompt)], padding="max_length", max_length=512,
+                  truncation=True, add_special_tokens=True, return_attention_mask=True,
+                  return_tensors="pt")
+  states = text_encoder(out.input_ids, out.attention_mask).last_hidden_state
+  states[:, int(out.attention_mask.sum()):] = 0
+  return states
+
+
 class TorchA2:
   """The reference: diffusers / transformers components with the release's sampling semantics."""
 
@@ -40,15 +52,8 @@ class TorchA2:
     self.transformer = load_diffusers(WanTransformer3DModel, src / "transformer")
     self.scheduler = UniPCMultistepScheduler.from_pretrained(src / "scheduler")
 
-  @torch.no_grad()
   def text(self, prompt):
-    out = self.tokenizer([diffusers_prompt_clean(prompt)], padding="max_length", max_length=512,
-                         truncation=True, add_special_tokens=True, return_attention_mask=True,
-                         return_tensors="pt")
-    states = self.text_encoder(out.input_ids, out.attention_mask).last_hidden_state
-    length = int(out.attention_mask.sum())
-    states[:, length:] = 0
-    return states
+    return text_states(self.tokenizer, self.text_encoder, prompt)
 
   @torch.no_grad()
   def image_tokens(self, originals):
@@ -101,4 +106,83 @@ class TorchA2:
     condition, mean, inv_std = self.condition(vae_refs, sampling.frames)
     latents = self.denoise(condition, text, negative, image, noise, sampling)
     video = self.decode(latents, mean, inv_std)
+    return latents.permute(0, 2, 3, 4, 1).numpy(), video.permute(0, 2, 3, 4, 1).numpy()
+
+
+def fit_reference_like_release(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """SkyReels-V3 R2V's reference resize, written after its `resize_ref_images`: keep the aspect
+  ratio (the other side truncated), LANCZOS, then `ImageOps.expand` with white, the odd pixel of
+  padding right / below."""
+  from PIL import ImageOps
+  img = Image.fromarray(image).convert("RGB")
+  if img.width / img.height > width / height:
+    size = (width, int(width / (img.width / img.height)))
+  else:
+    size = (int(height * (img.width / img.height)), height)
+  img = img.resize(size, Image.Resampling.LANCZOS)
+  dw, dh = width - img.size[0], height - img.size[1]
+  return np.array(ImageOps.expand(img, (dw // 2, dh // 2, dw - dw // 2, dh - dh // 2),
+                                  fill=(255, 255, 255)))
+
+
+class TorchV3R2V:
+  """SkyReels-V3 R2V's sampling (its WanSkyReelsA2WanT2VPipeline with the scheduler and defaults of
+  its ReferenceToVideoPipeline) from diffusers / transformers components, in float32; the reference
+  latents are the posterior mean (a2jax's default; the release draws a sample)."""
+
+  MAX_REFERENCES = 4
+
+  def __init__(self, src, prompt: str):
+    self.prompt = prompt
+    self.tokenizer = transformers.AutoTokenizer.from_pretrained(src / "tokenizer")
+    self.text_encoder = transformers.UMT5EncoderModel.from_pretrained(src / "text_encoder").eval()
+    self.vae = load_diffusers(AutoencoderKLWan, src / "vae")
+    self.transformer = load_diffusers(WanTransformer3DModel, src / "transformer")
+    self.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                             num_train_timesteps=1000, flow_shift=5.0)
+
+  @torch.no_grad()
+  def reference_latents(self, originals, height: int, width: int):
+    """Each reference fitted, encoded alone as a one-frame video, normalised; zero latents up to
+    4 → (1, z, 4, h, w)."""
+    mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    latents = []
+    for image in originals:
+      pixels = torch.from_numpy(fit_reference_like_release(image, height, width)).float()
+      pixels = (pixels.permute(2, 0, 1) / 255.0 - 0.5) / 0.5
+      latent = self.vae.encode(pixels[None, :, None]).latent_dist.mode()
+      latents.append((latent - mean) * inv_std)
+    while len(latents) < self.MAX_REFERENCES:
+      latents.append(torch.zeros_like(latents[0]))
+    return torch.cat(latents, dim=2), mean, inv_std
+
+  @torch.no_grad()
+  def denoise(self, condition, text, negative, noise: np.ndarray, sampling):
+    """From `noise` (1, f, h, w, z) channels-last → latents (1, z, f, h, w)."""
+    latents = torch.from_numpy(noise).permute(0, 4, 1, 2, 3).contiguous()
+    image_guidance = 1.0 if sampling.image_guidance is None else sampling.image_guidance
+    self.scheduler.set_timesteps(sampling.steps)
+    for t in self.scheduler.timesteps:
+      ts, f = t.expand(1), latents.shape[2]
+      def velocity(context, refs):
+        x = torch.cat([latents, refs], dim=2)
+        return self.transformer(x, ts, context, return_dict=False)[0][:, :, :f]
+      v = velocity(text, condition)
+      if sampling.guidance > 1:
+        uncond_text = velocity(negative, condition)
+        uncond_all = velocity(negative, torch.zeros_like(condition))
+        v = uncond_all + image_guidance * (uncond_text - uncond_all) + sampling.guidance * (v - uncond_text)
+      latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
+    return latents
+
+  @torch.no_grad()
+  def __call__(self, originals, noise, sampling):
+    """RGB references (uint8 HWC) → (final latents (1, f, h, w, z), decoded video (1, F, H, W, 3)),
+    channels-last numpy."""
+    negative = "" if sampling.negative_prompt is None else sampling.negative_prompt
+    text, negative = (text_states(self.tokenizer, self.text_encoder, p) for p in (self.prompt, negative))
+    condition, mean, inv_std = self.reference_latents(originals, sampling.height, sampling.width)
+    latents = self.denoise(condition, text, negative, noise, sampling)
+    video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0].clamp(-1, 1)
     return latents.permute(0, 2, 3, 4, 1).numpy(), video.permute(0, 2, 3, 4, 1).numpy()

@@ -1,9 +1,12 @@
-"""A whole SkyReels-A2 release folder (diffusers layout) → one a2jax folder.
+"""A whole SkyReels-A2 or SkyReels-V3 R2V release folder (diffusers layout) → one a2jax folder.
 
-Release layout: `model_index.json`, `transformer/`, `vae/`, `image_encoder/`, `image_processor/`,
-`text_encoder/`, `tokenizer/`, `scheduler/`. Output: `config.yaml` (every component's config and the
-sampling defaults taken from the release's scheduler), `transformer/`, `vae/`, `clip/`, `umt5/`
-(orbax checkpoints), and `tokenizer/`, `image_processor/`, `scheduler/` copied as they are.
+A2 layout: `model_index.json`, `transformer/`, `vae/`, `image_encoder/`, `image_processor/`,
+`text_encoder/`, `tokenizer/`, `scheduler/`. V3 R2V: the same without `image_encoder/` and
+`image_processor/`, its `transformer/config.json` naming `SkyReelsA2WanI2v3DModel`. Output:
+`config.yaml` (the family, every component's config and the family's sampling defaults: A2's from
+the release's scheduler, V3's those of its `generate_video`), the components as orbax checkpoints
+(`transformer/`, `vae/`, `umt5/`, A2 also `clip/`), and `tokenizer/`, `scheduler/` (A2 also
+`image_processor/`) copied as they are.
 """
 
 from __future__ import annotations
@@ -22,6 +25,22 @@ from convert_weights.component import component_config, component_module, conver
 SUBFOLDERS = {"transformer": "transformer", "vae": "vae", "clip": "image_encoder",
               "umt5": "text_encoder"}
 COPIED = ("tokenizer", "image_processor", "scheduler")
+V3_TRANSFORMER_CLASS = "SkyReelsA2WanI2v3DModel"
+# SkyReels-V3 R2V's generate_video: UniPC flow prediction at flow shift 5 (set in its code, whatever
+# the folder's scheduler says), 8 steps, guidance 1 and 1, negative prompt "", 5 s at 24 fps, 720P.
+V3_SAMPLING = configs.SamplingConfig(frames=121, height=720, width=1280, steps=8, guidance=1.0,
+                                     image_guidance=1.0, shift=5.0, sampler="unipc", fps=24,
+                                     negative_prompt="")
+
+
+def family_of(src: pathlib.Path) -> str:
+  """"v3_r2v" when the release's transformer config names SkyReels-V3's R2V class, else "a2"."""
+  config = src / "transformer" / "config.json"
+  try:
+    name = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+  except ValueError:
+    raise ConversionError(f"{config} is not valid JSON: the release folder is damaged") from None
+  return "v3_r2v" if name == V3_TRANSFORMER_CLASS else "a2"
 
 
 def check_compatible(cfg: configs.Config) -> None:
@@ -30,10 +49,18 @@ def check_compatible(cfg: configs.Config) -> None:
   problems = []
   if t.text_dim != cfg.umt5.d_model:
     problems.append(f"transformer.text_dim {t.text_dim} ≠ text encoder width {cfg.umt5.d_model}")
-  if t.image_dim != cfg.clip.hidden_size:
-    problems.append(f"transformer.image_dim {t.image_dim} ≠ CLIP width {cfg.clip.hidden_size}")
-  if t.in_channels != 2 * cfg.vae.z_dim + 4:
-    problems.append(f"transformer.in_channels {t.in_channels} ≠ 2·z_dim + 4 = {2 * cfg.vae.z_dim + 4}")
+  if cfg.family == "a2":
+    if t.image_dim != cfg.clip.hidden_size:
+      problems.append(f"transformer.image_dim {t.image_dim} ≠ CLIP width {cfg.clip.hidden_size}")
+    if t.in_channels != 2 * cfg.vae.z_dim + 4:
+      problems.append(f"transformer.in_channels {t.in_channels} ≠ 2·z_dim + 4 = "
+                      f"{2 * cfg.vae.z_dim + 4}")
+  else:
+    if t.image_dim is not None:
+      problems.append(f"a SkyReels-V3 R2V transformer has no image branch, this one has image_dim "
+                      f"{t.image_dim}")
+    if t.in_channels != cfg.vae.z_dim:
+      problems.append(f"transformer.in_channels {t.in_channels} ≠ VAE z_dim {cfg.vae.z_dim}")
   if t.out_channels != cfg.vae.z_dim:
     problems.append(f"transformer.out_channels {t.out_channels} ≠ VAE z_dim {cfg.vae.z_dim}")
   if problems:
@@ -55,24 +82,31 @@ def sampling_from_scheduler(folder: pathlib.Path) -> configs.SamplingConfig:
 def convert_release(src, dst, *, dtype: str | None = None, force: bool = False,
                     progress: bool = True) -> configs.Config:
   src = pathlib.Path(src)
-  missing = [sub for sub in [*SUBFOLDERS.values(), "tokenizer", "image_processor"]
-             if not (src / sub).is_dir()]
+  if not src.is_dir():
+    raise ConversionError(f"--src {src} does not exist: pass the release folder")
+  family = family_of(src)
+  subfolders = {name: sub for name, sub in SUBFOLDERS.items()
+                if family == "a2" or name != "clip"}
+  needed = [*subfolders.values(), "tokenizer", *(["image_processor"] if family == "a2" else [])]
+  missing = [sub for sub in needed if not (src / sub).is_dir()]
   if missing:
-    raise ConversionError(f"{src} is not a SkyReels-A2 release folder: it lacks {', '.join(missing)}/")
+    what = "SkyReels-A2" if family == "a2" else "SkyReels-V3 R2V"
+    raise ConversionError(f"{src} is not a {what} release folder: it lacks {', '.join(missing)}/")
   # Configs first, so that an incompatible release fails before anything is written.
   sections = {name: component_config(component_module(name), src / sub, None, [])
-              for name, sub in SUBFOLDERS.items()}
+              for name, sub in subfolders.items()}
   if dtype is not None:
     sections = {n: dataclasses.replace(c, param_dtype=dtype) for n, c in sections.items()}
-  cfg = configs.Config(**sections, sampling=sampling_from_scheduler(src))
+  sampling = sampling_from_scheduler(src) if family == "a2" else V3_SAMPLING
+  cfg = configs.Config(family=family, **sections, sampling=sampling)
   check_compatible(cfg)
 
   final, tmp = common.prepare_output(dst, force)
   try:
     tmp.mkdir(parents=True)
-    for name, sub in SUBFOLDERS.items():
+    for name, sub in subfolders.items():
       convert_component(name, src / sub, None, dtype=dtype, into=tmp, progress=progress,
-                            copy_extras=False)
+                        copy_extras=False)
     for extra in COPIED:
       if (src / extra).is_dir():
         shutil.copytree(src / extra, tmp / extra)

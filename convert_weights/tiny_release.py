@@ -1,10 +1,14 @@
-"""A tiny random SkyReels-A2 release folder in the release's own (diffusers) layout, built with the
-PyTorch reference classes: for tests, `make demo` and trying the converter without the 14B weights.
+"""A tiny random SkyReels-A2 (or SkyReels-V3 R2V) release folder in the release's own (diffusers)
+layout, built with the PyTorch reference classes: for tests, `make demo` and trying the converter
+without the 14B weights.
 
-`python -m convert_weights.tiny_release --dst DIR [--seed 0]` writes `model_index.json`,
-`transformer/`, `vae/`, `image_encoder/`, `image_processor/`, `text_encoder/`, `tokenizer/` and
-`scheduler/`, all with `save_pretrained`. Every weight is random (seeded): the video it samples is
-noise-like; it proves the plumbing, not the model. Needs the `test` extra (torch, diffusers).
+`python -m convert_weights.tiny_release --dst DIR [--seed 0] [--family a2|v3_r2v]` writes
+`model_index.json`, `transformer/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` and, for
+A2, `image_encoder/` and `image_processor/`, all with `save_pretrained`. A V3 R2V transformer is
+diffusers' `WanTransformer3DModel` without the image branch, its config naming the release's class
+`SkyReelsA2WanI2v3DModel` (whose weights and forward it equals). Every weight is random (seeded):
+the video it samples is noise-like; it proves the plumbing, not the model. Needs the `test` extra
+(torch, diffusers).
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ CLIP_PROCESSOR = dict(size={"shortest_edge": 28}, crop_size={"height": 28, "widt
 UMT5 = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
             num_heads=4, relative_attention_num_buckets=32, relative_attention_max_distance=128,
             feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+# SkyReels-V3 R2V: 16 input channels (the reference latents come as frames, not channels), no
+# image branch.
+V3_TRANSFORMER = {**{k: v for k, v in TRANSFORMER.items() if k not in ("image_dim", "added_kv_proj_dim")},
+                  "in_channels": 16}
+V3_TRANSFORMER_CLASS = "SkyReelsA2WanI2v3DModel"
 SCHEDULER = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
                  flow_shift=8.0, solver_order=2, predict_x0=True, solver_type="bh2",
                  lower_order_final=True)
@@ -61,8 +70,8 @@ def build_tokenizer(folder: pathlib.Path, vocab_size: int, sentences=TOKENIZER_S
                               hard_vocab_limit=False, character_coverage=1.0)
 
 
-def build(dst: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
-  """Writes the tiny release folder; returns its path."""
+def build(dst: str | pathlib.Path, seed: int = 0, family: str = "a2") -> pathlib.Path:
+  """Writes the tiny release folder of `family` ("a2" | "v3_r2v"); returns its path."""
   import torch
   import transformers
   from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
@@ -70,25 +79,33 @@ def build(dst: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
   dst = pathlib.Path(dst)
   dst.mkdir(parents=True, exist_ok=True)
   torch.manual_seed(seed)
-  transformer = WanTransformer3DModel(**TRANSFORMER).eval()
+  v3 = family == "v3_r2v"
+  transformer = WanTransformer3DModel(**(V3_TRANSFORMER if v3 else TRANSFORMER)).eval()
   randomize_(transformer, seed)
   transformer.save_pretrained(dst / "transformer", max_shard_size="200KB")
+  if v3:  # the release's class name (its weights and forward are diffusers')
+    config = dst / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()),
+                                  "_class_name": V3_TRANSFORMER_CLASS}, indent=2))
   vae = AutoencoderKLWan(**VAE).eval()
   randomize_(vae, seed + 1, scale=0.1)
   vae.save_pretrained(dst / "vae")
-  clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP)).eval()
-  randomize_(clip, seed + 2)
-  clip.save_pretrained(dst / "image_encoder")
-  transformers.CLIPImageProcessor(**CLIP_PROCESSOR).save_pretrained(dst / "image_processor")
+  index = {"transformer": ["diffusers", V3_TRANSFORMER_CLASS if v3 else "WanTransformer3DModel"],
+           "vae": ["diffusers", "AutoencoderKLWan"]}
+  if not v3:
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP)).eval()
+    randomize_(clip, seed + 2)
+    clip.save_pretrained(dst / "image_encoder")
+    transformers.CLIPImageProcessor(**CLIP_PROCESSOR).save_pretrained(dst / "image_processor")
+    index.update(image_encoder=["transformers", "CLIPVisionModel"],
+                 image_processor=["transformers", "CLIPImageProcessor"])
   umt5 = transformers.UMT5EncoderModel(transformers.UMT5Config(**UMT5)).eval()
   randomize_(umt5, seed + 3)
   umt5.save_pretrained(dst / "text_encoder")
   build_tokenizer(dst / "tokenizer", UMT5["vocab_size"])
   UniPCMultistepScheduler(**SCHEDULER).save_pretrained(dst / "scheduler")
   (dst / "model_index.json").write_text(json.dumps({
-      "_class_name": "SkyReelsA2Pipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
-      "vae": ["diffusers", "AutoencoderKLWan"], "image_encoder": ["transformers", "CLIPVisionModel"],
-      "image_processor": ["transformers", "CLIPImageProcessor"],
+      "_class_name": "WanSkyReelsA2WanT2VPipeline" if v3 else "SkyReelsA2Pipeline", **index,
       "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
       "scheduler": ["diffusers", "UniPCMultistepScheduler"]}, indent=2))
   return dst
@@ -119,9 +136,11 @@ def main(argv=None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--dst", required=True)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--family", choices=("a2", "v3_r2v"), default="a2",
+                 help="a2 (SkyReels-A2) or v3_r2v (SkyReels-V3 reference-to-video)")
   p.add_argument("--examples", default=None, help="also write three example reference pictures here")
   args = p.parse_args(argv)
-  build(args.dst, args.seed)
+  build(args.dst, args.seed, args.family)
   if args.examples:
     write_example_references(args.examples)
   print(f"wrote a tiny random release folder to {args.dst}")

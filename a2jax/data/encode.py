@@ -49,7 +49,7 @@ import tqdm
 from array_record.python import array_record_module
 from jax.experimental import multihost_utils
 
-from a2jax import checkpoints, conditioning, distributed, preprocess, sharding, text
+from a2jax import checkpoints, conditioning, distributed, families, preprocess, sharding, text
 from a2jax.configs import Config
 from a2jax.data import encoded, pipeline, triplets
 from a2jax import logs
@@ -119,6 +119,7 @@ class Encoder:
                   **kwargs) -> "Encoder":
     folder = pathlib.Path(folder)
     cfg = checkpoints.read_config(folder, overrides)
+    families.require_a2(cfg, str(folder))
     mesh = sharding.make_mesh(cfg.mesh)
     params = {name: checkpoints.load_component(folder, name, getattr(cfg, name), mesh)
               for name in ("vae", "clip", "umt5")}

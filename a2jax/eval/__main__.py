@@ -15,7 +15,7 @@ import json
 import pathlib
 import sys
 
-from a2jax import checkpoints, preprocess, video
+from a2jax import checkpoints, families, preprocess, video
 from a2jax.data import synthetic
 from a2jax.errors import A2JaxError, InputError
 from a2jax.eval import bench, fidelity
@@ -43,7 +43,9 @@ def run_fidelity(args) -> dict:
 def run_bench(args) -> dict:
   jobs_file = pathlib.Path(args.jobs)
   folder = pathlib.Path(args.checkpoint)
-  cfg = checkpoints.read_config(folder).clip
+  cfg = checkpoints.read_config(folder)
+  families.require_a2(cfg, str(folder))  # the benchmark scores with the folder's CLIP encoder
+  cfg = cfg.clip
   params = checkpoints.load_component(folder, "clip", cfg)
   processor = preprocess.ClipImageProcessor.from_folder(folder / "image_processor")
   scores = {}

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from a2jax import conditioning, sharding, video
+from a2jax import conditioning, families, sharding, video
 from a2jax.configs import Config
 from a2jax.data.encoded import encoded_dataset
 from a2jax.errors import ConfigError
@@ -24,6 +24,7 @@ CLIP_TOKENS_PER_REFERENCE = 257
 def record_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
   """Per-sample shapes of encoded records for the configured bucket (data.frames × height × width,
   data.synthetic_text_len text tokens, data.synthetic_refs references)."""
+  families.require_a2(cfg, "the training config")
   data, t = cfg.data, cfg.transformer
   f = video.latent_frames(data.frames)
   h, w = data.height // cfg.vae.scale_factor_spatial, data.width // cfg.vae.scale_factor_spatial

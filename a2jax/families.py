@@ -1,0 +1,170 @@
+"""Model families: what SkyReels-A2 and SkyReels-V3 R2V do differently around the same Wan DiT
+(docs/models.md "Model families"). A converted folder's config names its family (`family:`); the
+pipeline, the data encoder and the trainer ask it, and read the same for both.
+
+- `a2` (SkyReels-A2, Wan2.1-I2V): the references fill the first latent frames of a condition video
+  given in 20 extra channels (mask ‖ latents, a2jax.conditioning), their CLIP tokens go to an
+  image cross-attention; classifier-free guidance with 2 branches (prompt, negative prompt).
+- `v3_r2v` (SkyReels-V3 reference-to-video): no CLIP; the 1–4 references are latent frames after
+  the video's (a2jax.conditioning_v3); dual guidance with 3 branches (prompt + references,
+  negative prompt + references, negative prompt + zero references).
+
+Shapes: B videos, f latent frames of the video, h / w latent height / width, z latent channels,
+N references, nB = branches · B.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from a2jax import conditioning, conditioning_v3
+from a2jax.configs import Config, SamplingConfig
+from a2jax.errors import ConfigError, InputError
+
+# The A2 release's default negative prompt (a value of its sampling script).
+A2_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
+    "images, static, overall gray, worst quality, low quality, JPEG compression residue, ugly, "
+    "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
+    "misshapen limbs, fused fingers, still picture, messy background, three legs, many people in "
+    "the background, walking backwards")
+
+
+class A2:
+  """SkyReels-A2: condition channels, CLIP image tokens, 2-branch guidance."""
+
+  name = "a2"
+  components = ("transformer", "vae", "clip", "umt5")
+  uses_clip = True
+  default_negative_prompt = A2_NEGATIVE_PROMPT
+
+  def check(self, sampling: SamplingConfig, num_refs: int) -> None:
+    if sampling.image_guidance is not None:
+      raise InputError("image_guidance is a SkyReels-V3 R2V option; an A2 folder has one "
+                       "guidance: leave image_guidance unset")
+    conditioning.check_reference_count(num_refs, sampling.frames)
+
+  def branches(self, sampling: SamplingConfig) -> int:
+    """2 (conditional + unconditional); 1 at guidance 1, where the second adds nothing."""
+    return 1 if sampling.guidance == 1.0 else 2
+
+  def reference_pixels(self, subjects: Sequence[np.ndarray], background: np.ndarray | None,
+                       height: int, width: int) -> np.ndarray:
+    """RGB references → what the VAE sees of them (N, H, W, 3) in [−1, 1]: subjects white-padded,
+    the background cropped (a2jax.conditioning)."""
+    return conditioning.reference_pixels(subjects, background, height, width)
+
+  def vae_input(self, references: np.ndarray, frames: int) -> np.ndarray:
+    """(N, H, W, 3) → the condition video (F, H, W, 3), encoded as one video."""
+    return conditioning.condition_video(references, frames)
+
+  def condition(self, latents: jnp.ndarray, num_refs: int, sampling: SamplingConfig) -> jnp.ndarray:
+    """Normalised latents of the condition videos (B, f, h, w, z) → mask ‖ latents
+    (B, f, h, w, 4 + z)."""
+    return conditioning.with_mask(latents, num_refs, sampling.frames)
+
+  def branch_conditions(self, condition: jnp.ndarray, branches: int) -> jnp.ndarray:
+    """Every branch sees the references."""
+    return jnp.concatenate([condition] * branches, axis=0)
+
+  def transformer_input(self, x: jnp.ndarray, condition: jnp.ndarray) -> jnp.ndarray:
+    """x (nB, f, h, w, z) ‖ condition (nB, f, h, w, 4 + z) on channels."""
+    return jnp.concatenate([x, condition.astype(x.dtype)], axis=-1)
+
+  def guide(self, v: jnp.ndarray, batch: int, sampling: SamplingConfig) -> jnp.ndarray:
+    """Velocities of the branches (nB, f, h, w, z) → the guided one (B, f, h, w, z)."""
+    if v.shape[0] == batch:
+      return v
+    cond, uncond = v[:batch], v[batch:]
+    return uncond + sampling.guidance * (cond - uncond)
+
+  def frames_to_drop(self, num_refs: int) -> int:
+    """Output frames that show the references rather than the scene (`drop_reference_frames`)."""
+    return conditioning.reference_frames_to_drop(num_refs)
+
+
+class V3R2V:
+  """SkyReels-V3 reference-to-video: reference latent frames after the video, 3-branch guidance."""
+
+  name = "v3_r2v"
+  components = ("transformer", "vae", "umt5")
+  uses_clip = False
+  default_negative_prompt = ""  # what its generate_video passes
+
+  def check(self, sampling: SamplingConfig, num_refs: int) -> None:
+    conditioning_v3.check_reference_count(num_refs)
+    if sampling.guidance < 1.0:
+      raise InputError(f"guidance {sampling.guidance}: SkyReels-V3 R2V runs one branch at "
+                       "guidance 1 and three above it; use 1 or more")
+    if sampling.guidance == 1.0 and self.image_guidance(sampling) != 1.0:
+      raise InputError(f"image_guidance {sampling.image_guidance} needs guidance > 1 (at guidance "
+                       "1 the model runs one branch, as its release does): raise guidance too")
+
+  @staticmethod
+  def image_guidance(sampling: SamplingConfig) -> float:
+    return 1.0 if sampling.image_guidance is None else sampling.image_guidance
+
+  def branches(self, sampling: SamplingConfig) -> int:
+    """3 (prompt + refs, negative + refs, negative + zero refs) above guidance 1, else 1."""
+    return 3 if sampling.guidance > 1.0 else 1
+
+  def reference_pixels(self, subjects: Sequence[np.ndarray], background: np.ndarray | None,
+                       height: int, width: int) -> np.ndarray:
+    """RGB references (the background, if any, last) → (N, H, W, 3) in [−1, 1], each fitted and
+    white-padded alike (a2jax.conditioning_v3)."""
+    return conditioning_v3.reference_pixels([*subjects, *([] if background is None else [background])],
+                                            height, width)
+
+  def vae_input(self, references: np.ndarray, frames: int) -> np.ndarray:
+    """(N, H, W, 3) → one-frame videos (N, 1, H, W, 3), each encoded alone."""
+    return references[:, None]
+
+  def condition(self, latents: jnp.ndarray, num_refs: int, sampling: SamplingConfig) -> jnp.ndarray:
+    """Normalised reference latents (B, N, h, w, z) → (B, 4, h, w, z), zero latents after them."""
+    return conditioning_v3.reference_latents(latents)
+
+  def branch_conditions(self, condition: jnp.ndarray, branches: int) -> jnp.ndarray:
+    """The third branch sees zero reference frames."""
+    if branches == 1:
+      return condition
+    return jnp.concatenate([condition, condition, jnp.zeros_like(condition)], axis=0)
+
+  def transformer_input(self, x: jnp.ndarray, condition: jnp.ndarray) -> jnp.ndarray:
+    """x (nB, f, h, w, z) then the reference frames (nB, 4, h, w, z) in time: (nB, f + 4, h, w, z)."""
+    return jnp.concatenate([x, condition.astype(x.dtype)], axis=1)
+
+  def guide(self, v: jnp.ndarray, batch: int, sampling: SamplingConfig) -> jnp.ndarray:
+    """u_ti + s_img·(u_t − u_ti) + s_txt·(c − u_t) over the 3 branches (c, u_t, u_ti)."""
+    if v.shape[0] == batch:
+      return v
+    cond, uncond_text, uncond_all = v[:batch], v[batch:2 * batch], v[2 * batch:]
+    return (uncond_all + self.image_guidance(sampling) * (uncond_text - uncond_all)
+            + sampling.guidance * (cond - uncond_text))
+
+  def frames_to_drop(self, num_refs: int) -> int:
+    return 0  # the output holds the video frames only
+
+
+FAMILIES = {family.name: family for family in (A2(), V3R2V())}
+
+
+def of(cfg: Config) -> A2 | V3R2V:
+  """The family of a config (`cfg.family`, checked on load)."""
+  return FAMILIES[cfg.family]
+
+
+def require_a2(cfg: Config, what: str) -> None:
+  """Refuse a SkyReels-V3 R2V config in a path that handles SkyReels-A2 only so far (`what` names
+  it and the model it holds): one line with what to use instead."""
+  if cfg.family != A2.name:
+    raise ConfigError(f"{what} is a SkyReels-V3 R2V model (family {cfg.family}): this command "
+                      "supports SkyReels-A2 only so far; sample it with sample.py, the web app or "
+                      "A2Pipeline.from_folder")
+
+
+def branch_contexts(text: jnp.ndarray, negative_text: jnp.ndarray, branches: int) -> jnp.ndarray:
+  """Text states of the branches (nB, T, D): the prompt, then the negative prompt for the others."""
+  return jnp.concatenate([text, *[negative_text] * (branches - 1)], axis=0)

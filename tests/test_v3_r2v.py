@@ -1,0 +1,222 @@
+"""SkyReels-V3 reference-to-video end to end against PyTorch: a tiny random V3 R2V release folder
+(diffusers / transformers `save_pretrained`, the transformer's config naming the release's class) is
+converted with `convert_weights release`, sampled by the a2jax pipeline and by the PyTorch reference
+(convert_weights.reference.TorchV3R2V: diffusers' WanTransformer3DModel, UniPCMultistepScheduler
+and AutoencoderKLWan following the release's R2V pipeline) from the same initial noise."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from a2jax import checkpoints, conditioning_v3, configs
+from a2jax.errors import ConfigError, InputError
+from a2jax.pipeline import A2Pipeline, video_to_uint8
+from convert_weights.reference import TorchV3R2V, fit_reference_like_release
+from parity import rel_l2_err
+
+LATENT_TOL = 1e-4        # relative L2 of the final latents, float32
+PIXEL_TOL = 2 / 255      # max |Δ| of decoded frames in [0, 1], float32
+BF16_LATENT_TOL = 5e-2   # relative L2 of the final latents, bfloat16 transformer vs float32 reference
+SAMPLING = dict(frames=9, height=32, width=48, steps=3, seed=0)
+PROMPT = "A man is holding a teddy bear in the forest."
+
+
+@pytest.fixture(scope="module")
+def release_v3(tmp_path_factory):
+  from convert_weights import tiny_release
+  from convert_weights.release import convert_release
+  root = tmp_path_factory.mktemp("v3")
+  src = tiny_release.build(root / "release", seed=0, family="v3_r2v")
+  convert_release(src, root / "converted", progress=False)
+  return src, root / "converted"
+
+
+@pytest.fixture(scope="module")
+def pipe(release_v3):
+  return A2Pipeline.from_folder(release_v3[1])
+
+
+@pytest.fixture(scope="module")
+def torch_v3(release_v3):
+  return TorchV3R2V(release_v3[0], PROMPT)
+
+
+@pytest.fixture(scope="module")
+def images():
+  rng = np.random.default_rng(1)
+  return [rng.integers(0, 256, shape, dtype=np.uint8)
+          for shape in ((40, 30, 3), (36, 50, 3), (60, 90, 3), (21, 77, 3))]
+
+
+def sampling_of(pipe, **changes):
+  return dataclasses.replace(pipe.cfg.sampling, **{**SAMPLING, **changes})
+
+
+def noise_for(sampling, seed):
+  f = (sampling.frames - 1) // 4 + 1
+  return np.random.default_rng(seed).standard_normal(
+      (1, f, sampling.height // 8, sampling.width // 8, 16)).astype(np.float32)
+
+
+def test_converted_folder_records_family_and_release_defaults(release_v3):
+  cfg = checkpoints.read_config(release_v3[1])
+  assert cfg.family == "v3_r2v"
+  assert cfg.transformer.image_dim is None and cfg.transformer.in_channels == 16
+  s = cfg.sampling
+  assert (s.steps, s.guidance, s.image_guidance, s.shift, s.sampler, s.negative_prompt,
+          s.frames, s.fps) == (8, 1.0, 1.0, 5.0, "unipc", "", 121, 24)
+  assert not (release_v3[1] / "clip").exists() and not (release_v3[1] / "image_processor").exists()
+
+
+@pytest.mark.parametrize("refs,guidance,image_guidance", [
+    (1, 1.0, 1.0), (2, 1.0, 1.0), (4, 1.0, 1.0), (1, 5.0, 3.0), (2, 5.0, 3.0), (4, 5.0, 3.0)])
+def test_pipeline_matches_pytorch(pipe, torch_v3, images, refs, guidance, image_guidance):
+  sampling = sampling_of(pipe, guidance=guidance, image_guidance=image_guidance)
+  noise = noise_for(sampling, refs)
+  references = images[:refs]
+  result = pipe(PROMPT, references, noise=noise, sampling=sampling, progress=False)
+  ref_latents, ref_video = torch_v3(references, noise, sampling)
+  assert rel_l2_err(result.latents, ref_latents) <= LATENT_TOL
+  decoded = np.asarray(pipe.decode(jax.numpy.asarray(result.latents)), np.float32)
+  assert np.max(np.abs(decoded - ref_video)) / 2 <= PIXEL_TOL
+  # The output is the video's frames only: the reference frames are cropped, none dropped.
+  assert result.latents.shape == noise.shape
+  assert result.frames.shape == (1, sampling.frames, sampling.height, sampling.width, 3)
+  np.testing.assert_array_equal(result.frames[0], video_to_uint8(decoded)[0])
+
+
+def test_bfloat16_transformer_close_to_float32_reference(release_v3, torch_v3, images):
+  pipe = A2Pipeline.from_folder(release_v3[1], overrides=["transformer.dtype=bfloat16"])
+  sampling = sampling_of(pipe, guidance=5.0, image_guidance=3.0)
+  noise = noise_for(sampling, 7)
+  result = pipe(PROMPT, images[:2], noise=noise, sampling=sampling, progress=False)
+  ref_latents, _ = torch_v3(images[:2], noise, sampling)
+  assert rel_l2_err(result.latents, ref_latents) <= BF16_LATENT_TOL
+
+
+def test_missing_reference_slots_are_zero_latents(pipe, images):
+  sampling = sampling_of(pipe)
+  keys = [jax.random.key(0)]
+  from a2jax.pipeline import Request
+  image, condition = pipe.condition([Request(PROMPT, images[:2])], sampling, keys)
+  assert image is None
+  assert condition.shape == (1, conditioning_v3.MAX_REFERENCES, 4, 6, 16)
+  assert np.all(np.asarray(condition[:, 2:]) == 0)
+  assert np.all(np.abs(np.asarray(condition[:, :2])).max(axis=(2, 3, 4)) > 0)
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (36, 50), (21, 77), (77, 21), (32, 48), (33, 47)])
+def test_reference_fit_equals_release(shape):
+  rng = np.random.default_rng(shape[0])
+  image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+  for height, width in ((32, 48), (48, 32), (720, 1280)):
+    np.testing.assert_array_equal(conditioning_v3.fit_reference(image, height, width),
+                                  fit_reference_like_release(image, height, width))
+
+
+def test_video_size_follows_release_table():
+  assert conditioning_v3.video_size(np.zeros((720, 1280, 3), np.uint8), "720P") == (720, 1280)
+  assert conditioning_v3.video_size(np.zeros((1280, 720, 3), np.uint8), "720P") == (1280, 720)
+  # 0.75 → (554, 738) at 480P, floored to multiples of 16.
+  assert conditioning_v3.video_size(np.zeros((300, 400, 3), np.uint8), "480P") == (544, 736)
+  assert conditioning_v3.video_size(np.zeros((500, 500, 3), np.uint8), "540P") == (720, 720)
+  with pytest.raises(InputError, match="resolution"):
+    conditioning_v3.video_size(np.zeros((4, 4, 3), np.uint8), "1080P")
+
+
+def test_bad_input_is_one_clear_error(pipe, images):
+  sampling = sampling_of(pipe)
+  with pytest.raises(InputError, match="at most 4"):
+    pipe(PROMPT, images[:4], background=images[0], sampling=sampling, progress=False)
+  with pytest.raises(InputError, match="needs guidance > 1"):
+    pipe(PROMPT, images[:1], sampling=dataclasses.replace(sampling, image_guidance=3.0),
+         progress=False)
+  with pytest.raises(InputError, match="use 1 or more"):
+    pipe(PROMPT, images[:1], sampling=dataclasses.replace(sampling, guidance=0.5), progress=False)
+  with pytest.raises(ConfigError, match="4k"):
+    sampling_of(pipe, frames=10)
+  with pytest.raises(ConfigError, match="multiples of 16"):
+    sampling_of(pipe, height=40)
+
+
+def test_image_guidance_is_refused_for_a2(release):
+  with pytest.raises(ConfigError, match="image_guidance"):
+    checkpoints.read_config(release[1], ["sampling.image_guidance=2"])
+  a2 = A2Pipeline.from_folder(release[1])
+  sampling = dataclasses.replace(a2.cfg.sampling, **SAMPLING, image_guidance=2.0)
+  with pytest.raises(InputError, match="image_guidance"):
+    a2("A man walks.", [np.zeros((8, 8, 3), np.uint8)], sampling=sampling, progress=False)
+  with pytest.raises(ConfigError, match="family"):
+    configs.Config(family="v4")
+
+
+def test_paths_not_yet_ported_refuse_a_v3_folder_in_one_line(release_v3, tmp_path, capsys):
+  """The commands that handle SkyReels-A2 only so far end with one line naming the folder and what
+  to use instead, and write nothing."""
+  from a2jax.data.encode import Encoder
+  from convert_weights import cli
+  folder = release_v3[1]
+  with pytest.raises(ConfigError, match="SkyReels-V3 R2V model.*sample.py"):
+    Encoder.from_folder(folder)
+  for argv in (["export", "--src", str(folder), "--dst", str(tmp_path / "out"), "--format", "diffusers"],
+               ["merge-lora", "--src", str(folder), "--dst", str(tmp_path / "out"),
+                "--lora", str(tmp_path / "x.safetensors")]):
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SkyReels-V3 R2V model" in err[0], err
+  assert not (tmp_path / "out").exists()
+
+
+def test_sample_py_runs_a_v3_folder_with_jobs_and_fast_paths(release_v3, tmp_path, capsys):
+  """sample.py as a user runs it on a V3 R2V folder: a jobs file with 1 and 3 references (the
+  background one of them), the video's frames only; int8 weights and the first-block cache with
+  three-branch guidance; the family's options refused on an A2 folder are tested below."""
+  import json
+  import sample
+  from data_util import write_reference_pictures
+  from a2jax import video
+  pictures = write_reference_pictures(tmp_path, 3)
+  jobs = tmp_path / "jobs.jsonl"
+  jobs.write_text("\n".join(json.dumps(j) for j in [
+      {"prompt": "A man walks.", "refs": ["man.png"], "out": "one.mp4"},
+      {"prompt": "A man and a bear.", "refs": ["man.png", "bear.png"], "background": "forest.png",
+       "out": "two.mp4", "seed": 3}]))
+  flags = ["--frames", "9", "--height", "32", "--width", "48", "--steps", "2", "--no-progress"]
+  assert sample.main(["--checkpoint", str(release_v3[1]), "--jobs", str(jobs), *flags]) == 0
+  for name in ("one.mp4", "two.mp4"):
+    assert video.read_mp4(pictures / name).shape == (9, 32, 48, 3)
+  assert sample.main(["--checkpoint", str(release_v3[1]), "--prompt", "A man walks.",
+                      "--ref", str(pictures / "man.png"), "--out", str(tmp_path / "fast.mp4"),
+                      "--weights", "int8", "--cache", "fbcache", "--guidance", "4",
+                      "--image-guidance", "2", *flags]) == 0
+  assert video.read_mp4(tmp_path / "fast.mp4").shape == (9, 32, 48, 3)
+  assert "timings:" in capsys.readouterr().err
+
+
+def test_resolution_sizes_each_job_from_its_first_reference(tmp_path):
+  import sample
+  from PIL import Image
+  Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(tmp_path / "wide.png")
+  Image.fromarray(np.zeros((400, 300, 3), np.uint8)).save(tmp_path / "tall.png")
+  job = lambda first: sample.Job("p", [tmp_path / first, tmp_path / "wide.png"], None,
+                                 tmp_path / "o.mp4", None, None)
+  base = configs.SamplingConfig()
+  assert sample.video_size(job("wide.png"), "480P", base) == (544, 736)
+  assert sample.video_size(job("tall.png"), "480P", base) == (736, 544)
+  assert sample.video_size(job("tall.png"), None, base) == (base.height, base.width)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resolution", "480P"], "--resolution is a SkyReels-V3 R2V option"),
+    (["--image-guidance", "2"], "--image-guidance is a SkyReels-V3 R2V option"),
+])
+def test_v3_options_on_an_a2_folder_are_one_line(release, tmp_path, capsys, args, message):
+  import sample
+  from data_util import write_reference_pictures
+  pictures = write_reference_pictures(tmp_path, 3)
+  assert sample.main(["--checkpoint", str(release[1]), "--prompt", "A man.", "--ref",
+                      str(pictures / "man.png"), "--out", str(tmp_path / "o.mp4"), *args]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and len(err.splitlines()) == 1 and message in err, err
