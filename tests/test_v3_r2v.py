@@ -220,3 +220,21 @@ def test_v3_options_on_an_a2_folder_are_one_line(release, tmp_path, capsys, args
                       str(pictures / "man.png"), "--out", str(tmp_path / "o.mp4"), *args]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_web_app_generates_from_a_v3_folder(pipe, tmp_path):
+  """The app's request path on a V3 R2V folder: the family's checks, its empty negative prompt,
+  the references as the V3 fitting shows them, and the video's frames only."""
+  from data_util import write_reference_pictures
+  from a2jax import app as web_app
+  from a2jax import video
+  pictures = write_reference_pictures(tmp_path, 3)
+  app = web_app.App(pipe, tmp_path / "out")
+  options = dict(seed=1, frames=9, height=32, width=48, steps=2)
+  path, seen, status = app.generate([str(pictures / "man.png"), None], str(pictures / "forest.png"),
+                                    PROMPT, "", options)
+  assert video.read_mp4(path).shape == (9, 32, 48, 3)
+  assert [s.shape for s in seen] == [(32, 48, 3)] * 2 and "9 frames of 32×48" in status
+  refs = [str(pictures / name) for name in ("man.png", "bear.png", "man.png", "bear.png")]
+  with pytest.raises(InputError, match="at most 4"):
+    app.generate(refs, str(pictures / "forest.png"), PROMPT, "", options)
