@@ -1,10 +1,11 @@
 """`python -m convert_weights export --src A2JAX_FOLDER --dst OUT --format diffusers|comfyui`.
 
 Writes a converted a2jax folder back in the PyTorch tools' formats:
-- `diffusers`: a release folder (`model_index.json` for `WanImageToVideoPipeline`, `transformer/`,
-  `vae/`, `image_encoder/`, `text_encoder/` with `config.json` and safetensors — sharded with an
-  index past `--max-shard-size` —, and the folder's `tokenizer/`, `image_processor/`, `scheduler/`).
-  Every component present in the a2jax folder is written; the transformer is required.
+- `diffusers`: a release folder (`model_index.json` for `WanImageToVideoPipeline`, or SkyReels-V3's
+  `WanSkyReelsA2WanT2VPipeline` for a V3 R2V folder, `transformer/`, `vae/`, `image_encoder/`,
+  `text_encoder/` with `config.json` and safetensors — sharded with an index past
+  `--max-shard-size` —, and the folder's `tokenizer/`, `image_processor/`, `scheduler/`). Every
+  component present in the a2jax folder is written; the transformer is required.
 - `comfyui`: the transformer alone as one `.safetensors` file under the original Wan2.1 names
   (`blocks.N.self_attn.q.weight`, `head.head.weight`, …, no prefix), for ComfyUI's
   `models/diffusion_models/` (diffusers reads it with `WanTransformer3DModel.from_single_file`).
@@ -27,7 +28,7 @@ import time
 import numpy as np
 import tqdm
 
-from a2jax import checkpoints, configs, families
+from a2jax import checkpoints, configs
 from a2jax.errors import A2JaxError, ConversionError
 from convert_weights import common, component, release, transformer
 
@@ -38,6 +39,11 @@ MODEL_CLASSES = {"transformer": ("diffusers", "WanTransformer3DModel"),
                  "vae": ("diffusers", "AutoencoderKLWan"),
                  "clip": ("transformers", "CLIPVisionModel"),
                  "umt5": ("transformers", "UMT5EncoderModel")}
+# family -> (the pipeline class of model_index.json, the transformer's class in its config.json):
+# what diffusers loads for A2, and what SkyReels-V3's R2V code loads (its transformer class reads
+# the weights of diffusers' WanTransformer3DModel, which loads the folder too).
+FAMILY_CLASSES = {"a2": ("WanImageToVideoPipeline", "WanTransformer3DModel"),
+                  "v3_r2v": ("WanSkyReelsA2WanT2VPipeline", release.V3_TRANSFORMER_CLASS)}
 # copied folder -> (library, class) in model_index.json, and the config file naming its class
 COPIED_CLASSES = {"tokenizer": ("transformers", "T5Tokenizer", "tokenizer_config.json", "tokenizer_class"),
                   "image_processor": ("transformers", "CLIPImageProcessor", "preprocessor_config.json",
@@ -74,9 +80,7 @@ def _numpy_dtype(name: str):
 def _check_source(src: pathlib.Path) -> configs.Config:
   if not src.is_dir():
     raise ConversionError(f"--src {src} is not a folder: pass a converted a2jax folder")
-  cfg = checkpoints.read_config(src)
-  families.require_a2(cfg, str(src))
-  return cfg
+  return checkpoints.read_config(src)
 
 
 def export_diffusers(src: pathlib.Path, dst: pathlib.Path, *, dtype: str | None = None,
@@ -92,14 +96,20 @@ def export_diffusers(src: pathlib.Path, dst: pathlib.Path, *, dtype: str | None 
                   desc="export diffusers", disable=not progress, file=sys.stderr)
   try:
     tmp.mkdir(parents=True)
-    index = {"_class_name": "WanImageToVideoPipeline", "_diffusers_version": "0.42.1"}
+    pipeline_class, transformer_class = FAMILY_CLASSES[cfg.family]
+    index = {"_class_name": pipeline_class, "_diffusers_version": "0.42.1"}
     for c in components:
       sub = release.SUBFOLDERS[c.name]
       (tmp / sub).mkdir()
-      (tmp / sub / "config.json").write_text(json.dumps(c.module.reference_config(c.cfg), indent=2))
+      config = c.module.reference_config(c.cfg)
+      if c.name == "transformer":
+        config["_class_name"] = transformer_class
+      (tmp / sub / "config.json").write_text(json.dumps(config, indent=2))
       common.write_safetensors(tmp / sub, c.module.WEIGHTS_PREFIX, c.shapes, c.items(),
                                max_shard_bytes, on_item=lambda _, n: bar.update(n))
       index[sub] = list(MODEL_CLASSES[c.name])
+      if c.name == "transformer":
+        index[sub] = ["diffusers", transformer_class]
       if c.name == "clip" and c.cfg.with_projection:
         index[sub] = ["transformers", "CLIPVisionModelWithProjection"]
     for sub, (library, default, config_file, class_key) in COPIED_CLASSES.items():

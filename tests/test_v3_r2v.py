@@ -160,12 +160,11 @@ def test_paths_not_yet_ported_refuse_a_v3_folder_in_one_line(release_v3, tmp_pat
   folder = release_v3[1]
   with pytest.raises(ConfigError, match="SkyReels-V3 R2V model.*sample.py"):
     Encoder.from_folder(folder)
-  for argv in (["export", "--src", str(folder), "--dst", str(tmp_path / "out"), "--format", "diffusers"],
-               ["merge-lora", "--src", str(folder), "--dst", str(tmp_path / "out"),
-                "--lora", str(tmp_path / "x.safetensors")]):
-    assert cli.main(argv) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "SkyReels-V3 R2V model" in err[0], err
+  argv = ["merge-lora", "--src", str(folder), "--dst", str(tmp_path / "out"),
+          "--lora", str(tmp_path / "x.safetensors")]
+  assert cli.main(argv) != 0
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "SkyReels-V3 R2V model" in err[0], err
   assert not (tmp_path / "out").exists()
 
 
@@ -238,3 +237,46 @@ def test_web_app_generates_from_a_v3_folder(pipe, tmp_path):
   refs = [str(pictures / name) for name in ("man.png", "bear.png", "man.png", "bear.png")]
   with pytest.raises(InputError, match="at most 4"):
     app.generate(refs, str(pictures / "forest.png"), PROMPT, "", options)
+
+
+def test_export_writes_what_the_v3_release_loads_and_converts_back_bit_identically(release_v3,
+                                                                                  tmp_path):
+  """`convert_weights export` of a V3 R2V folder: the diffusers layout the release's R2V code loads
+  (its transformer class named in config.json and model_index.json; the weights those of the
+  release, read by diffusers' WanTransformer3DModel), the ComfyUI file under the original Wan names,
+  and the diffusers export converted back equal leaf for leaf."""
+  import json
+  from diffusers import WanTransformer3DModel
+  from convert_weights import cli, common
+  from convert_weights.reference import load_diffusers
+  from parity import state_dict_numpy
+  src, converted = release_v3
+  out, wan_file = tmp_path / "diffusers", tmp_path / "v3.safetensors"
+  assert cli.main(["export", "--src", str(converted), "--dst", str(out), "--format", "diffusers",
+                   "--no-progress"]) == 0
+  assert cli.main(["export", "--src", str(converted), "--dst", str(wan_file), "--format", "comfyui",
+                   "--no-progress"]) == 0
+  index = json.loads((out / "model_index.json").read_text())
+  assert index["_class_name"] == "WanSkyReelsA2WanT2VPipeline"
+  assert index["transformer"] == ["diffusers", "SkyReelsA2WanI2v3DModel"]
+  assert "image_encoder" not in index and not (out / "image_encoder").exists()
+  raw = json.loads((out / "transformer" / "config.json").read_text())
+  original = json.loads((src / "transformer" / "config.json").read_text())
+  assert {k: original[k] for k in raw} == raw
+  want = state_dict_numpy(load_diffusers(WanTransformer3DModel, src / "transformer"))
+  for got in (state_dict_numpy(load_diffusers(WanTransformer3DModel, out / "transformer")),
+              state_dict_numpy(WanTransformer3DModel.from_single_file(
+                  str(wan_file), config=str(out / "transformer"), local_files_only=True))):
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert "blocks.0.self_attn.q.weight" in common.read_safetensors([wan_file])
+  back = tmp_path / "back"
+  assert cli.main(["release", "--src", str(out), "--dst", str(back), "--no-progress"]) == 0
+  assert checkpoints.read_config(back) == checkpoints.read_config(converted)
+  for name in ("transformer", "vae", "umt5"):
+    want = dict(checkpoints.iter_params(converted / name))
+    got = dict(checkpoints.iter_params(back / name))
+    assert got.keys() == want.keys()
+    for path in want:
+      np.testing.assert_array_equal(got[path], want[path], err_msg="/".join(path))
