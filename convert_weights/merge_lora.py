@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import tqdm
 
-from a2jax import checkpoints, families
+from a2jax import checkpoints
 from a2jax.runner import run_main
 from a2jax.models import lora as lora_tree
 from convert_weights import common, lora, transformer
@@ -73,9 +73,8 @@ def merged_leaves(items: Iterable[tuple[tuple[str, ...], np.ndarray]],
 
 def merge(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
-  cfg = checkpoints.read_config(args.src)
-  families.require_a2(cfg, str(args.src))
   specs = [lora.parse_spec(spec) for spec in args.lora]
+  cfg = checkpoints.read_config(args.src)
   src_transformer = checkpoints.component_path(args.src, COMPONENT)
   # a damaged folder, or one another a2jax version wrote, ends here, before anything is written
   leaves = checkpoints.check_leaves(src_transformer, transformer.init_abstract(cfg.transformer))

@@ -23,15 +23,26 @@ BF16_TOL = 1e-2  # bfloat16 parameters (merged in float32, rounded once) against
 KW = dict(patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=20, in_channels=36,
           out_channels=16, text_dim=32, freq_dim=16, ffn_dim=48, num_layers=3, image_dim=24,
           added_kv_proj_dim=60)
+# SkyReels-V3 R2V's transformer: 16 input channels, no image branch.
+KW_V3 = {**{k: v for k, v in KW.items() if k not in ("image_dim", "added_kv_proj_dim")},
+         "in_channels": 16}
 IMAGE_BRANCH = ("attn2.add_k_proj", "attn2.add_v_proj")
+
+
+def make_base(kw):
+  model = WanTransformer3DModel(**kw).eval()
+  randomize_torch_(model, seed=5)
+  return TransformerConfig(**kw), state_dict_numpy(model)
 
 
 @pytest.fixture(scope="module")
 def base():
-  model = WanTransformer3DModel(**KW).eval()
-  randomize_torch_(model, seed=5)
-  cfg = TransformerConfig(**KW)
-  return cfg, state_dict_numpy(model)
+  return make_base(KW)
+
+
+@pytest.fixture(scope="module")
+def base_v3():
+  return make_base(KW_V3)
 
 
 def random_entries(cfg, seed, image_branch=True, alphas=True, gaps=True):
@@ -71,9 +82,9 @@ def write_entries(entries, fmt, path, extra=None, metadata=None, down="lora_down
   return path
 
 
-def diffusers_fused(sd, path, strength=1.0):
+def diffusers_fused(sd, path, strength=1.0, kw=KW):
   """The diffusers state dict after load_lora_weights + fuse_lora (float32 numpy)."""
-  model = WanTransformer3DModel(**KW).eval()
+  model = WanTransformer3DModel(**kw).eval()
   model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
   pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=model, vae=None, scheduler=None)
   pipe.load_lora_weights(str(path))
@@ -113,13 +124,16 @@ def peft_metadata(entries):
 
 
 @pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters")  # T2V LoRA: zeros added
+@pytest.mark.parametrize("family", ["a2", "v3_r2v"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_merge_matches_diffusers_fuse_lora(base, case, tmp_path):
-  cfg, sd = base
+def test_merge_matches_diffusers_fuse_lora(family, case, tmp_path, request):
+  """Every format onto A2's transformer and onto SkyReels-V3 R2V's (no image branch)."""
+  v3 = family == "v3_r2v"
+  cfg, sd = request.getfixturevalue("base_v3" if v3 else "base")
   spec = CASES[case]
   fmt = case.split("_")[0]
   # diffusers reads a musubi file only when every block has every projection
-  entries = random_entries(cfg, spec["seed"], image_branch=fmt != "diffusers",
+  entries = random_entries(cfg, spec["seed"], image_branch=fmt != "diffusers" and not v3,
                            alphas=fmt != "diffusers", gaps=fmt != "kohya")
   if fmt == "diffusers":  # one alpha for every module, from the metadata; ranks all 4
     entries = {n: (d[:4], u[:, :4], None) for n, (d, u, _) in entries.items() if d.shape[0] == 4}
@@ -131,14 +145,14 @@ def test_merge_matches_diffusers_fuse_lora(base, case, tmp_path):
              "diffusion_model.blocks.0.ffn.2.diff_b": rng.standard_normal(60).astype(np.float32)}
   path = write_entries(entries, fmt, tmp_path / f"{case}.safetensors", extra, **spec["kw"])
   strength = 0.7
-  ref = convert.from_torch(diffusers_fused(sd, path, strength), cfg)
+  ref = convert.from_torch(diffusers_fused(sd, path, strength, KW_V3 if v3 else KW), cfg)
   merged, notes = lora_files.apply_loras(convert.from_torch(sd, cfg), cfg, [(path, strength)])
   errs = errors(merged, ref)
   worst = max(errs, key=errs.get)
   print(f"{case}: float32 max rel err {errs[worst]:.2e} ({worst})")
   assert errs[worst] <= F32_TOL, worst
   assert notes[0].startswith(f"{path.name}: {fmt} LoRA")
-  assert any("T2V LoRA" in n for n in notes) == (fmt == "diffusers")
+  assert any("T2V LoRA" in n for n in notes) == (fmt == "diffusers" and not v3)
   # the LoRA really changed the model: the comparison is not base against base
   assert max_rel_err(merged["blocks"]["attn1"]["to_q"]["kernel"],
                      convert.from_torch(sd, cfg)["blocks"]["attn1"]["to_q"]["kernel"]) > 1e-2

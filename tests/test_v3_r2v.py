@@ -152,20 +152,40 @@ def test_image_guidance_is_refused_for_a2(release):
     configs.Config(family="v4")
 
 
-def test_paths_not_yet_ported_refuse_a_v3_folder_in_one_line(release_v3, tmp_path, capsys):
-  """The commands that handle SkyReels-A2 only so far end with one line naming the folder and what
-  to use instead, and write nothing."""
+def test_paths_not_yet_ported_refuse_a_v3_folder_in_one_line(release_v3):
+  """Offline encoding (for training) handles SkyReels-A2 only so far: one line naming the folder
+  and what to use instead."""
   from a2jax.data.encode import Encoder
-  from convert_weights import cli
-  folder = release_v3[1]
   with pytest.raises(ConfigError, match="SkyReels-V3 R2V model.*sample.py"):
-    Encoder.from_folder(folder)
-  argv = ["merge-lora", "--src", str(folder), "--dst", str(tmp_path / "out"),
-          "--lora", str(tmp_path / "x.safetensors")]
-  assert cli.main(argv) != 0
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "SkyReels-V3 R2V model" in err[0], err
-  assert not (tmp_path / "out").exists()
+    Encoder.from_folder(release_v3[1])
+
+
+def test_lora_files_merge_into_a_v3_folder_and_sample(release_v3, tmp_path):
+  """A LoRA file (original Wan names) on the V3 R2V transformer: `merge-lora` writes a folder
+  whose transformer is the in-memory merge, and sampling it equals sampling the base with
+  `loras=` (sample.py --lora); the LoRA does change the video."""
+  from convert_weights import cli
+  from convert_weights import lora as lora_files
+  from test_lora_formats import random_entries, write_entries
+  folder = release_v3[1]
+  cfg = checkpoints.read_config(folder).transformer
+  lora_file = write_entries(random_entries(cfg, 0), "original", tmp_path / "v3_lora.safetensors")
+  merged_folder = tmp_path / "merged"
+  assert cli.main(["merge-lora", "--src", str(folder), "--dst", str(merged_folder), "--lora",
+                   f"{lora_file}:0.8", "--no-progress"]) == 0
+  base = checkpoints.load_component(folder, "transformer", cfg)
+  want, _ = lora_files.apply_loras(base, cfg, [(lora_file, 0.8)])
+  got = checkpoints.load_component(merged_folder, "transformer", cfg)
+  for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=str(path))
+  sampling = dataclasses.replace(checkpoints.read_config(folder).sampling, **{**SAMPLING, "steps": 2})
+  noise = noise_for(sampling, 0)
+  run = lambda pipe: pipe(PROMPT, [np.full((20, 30, 3), 90, np.uint8)], noise=noise,
+                          sampling=sampling, progress=False).latents
+  loaded = lora_files.read_loras([(lora_file, 0.8)], cfg)
+  with_lora = run(A2Pipeline.from_folder(folder, loras=loaded))
+  np.testing.assert_array_equal(run(A2Pipeline.from_folder(merged_folder)), with_lora)
+  assert rel_l2_err(with_lora, run(A2Pipeline.from_folder(folder))) > 1e-3
 
 
 def test_sample_py_runs_a_v3_folder_with_jobs_and_fast_paths(release_v3, tmp_path, capsys):
