@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from a2jax import preprocess
+from a2jax import configs, preprocess
 from a2jax.errors import InputError
 
-MAX_REFERENCES = 4
+MAX_REFERENCES = configs.REFERENCE_FRAMES["v3_r2v"]  # reference slots, one latent frame each
 
 # height / width → (height, width) per resolution: the release's table (skyreels_v3/config.py).
 _RATIOS = ("0.38", "0.43", "0.48", "0.50", "0.53", "0.54", "0.56", "0.62", "0.67", "0.75", "1.00",

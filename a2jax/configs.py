@@ -25,6 +25,9 @@ REMAT_POLICIES = ("none", "full", "save_dots", "offload")
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 QUANTIZED_WEIGHTS = ("native", "int8", "fp8")  # a2jax/models/quant.py
 MODEL_FAMILIES = ("a2", "v3_r2v")  # a2jax/families.py
+# Latent frames a family appends to the video's in time (V3 R2V: its reference slots), which the
+# DiT sees as tokens too (a2jax/conditioning_v3.py, a2jax/flops.py).
+REFERENCE_FRAMES = {"a2": 0, "v3_r2v": 4}
 NUM_TRAIN_TIMESTEPS = 1000  # the flow schedules' training steps; timesteps are 1000·σ
 # The Dense modules of an A2 block that a LoRA may target, as "module.projection": a2jax.models.lora
 # finds each at params["blocks"][module][projection]. The default targets leave out the FFN.
@@ -569,6 +572,13 @@ class Config:
     if self.family == "a2" and self.sampling.image_guidance is not None:
       raise ConfigError("sampling.image_guidance is a SkyReels-V3 R2V option (family v3_r2v); an A2 "
                         "config has one guidance: set image_guidance to null")
+    t = self.transformer
+    if self.family == "v3_r2v" and (t.image_dim is not None or t.in_channels != t.out_channels):
+      raise ConfigError(f"a SkyReels-V3 R2V transformer takes the latents alone and has no image "
+                        f"branch (its references come as frames), this one has in_channels "
+                        f"{t.in_channels} for {t.out_channels} out and image_dim {t.image_dim}: "
+                        f"set transformer.in_channels={t.out_channels} transformer.image_dim=null "
+                        "transformer.added_kv_proj_dim=null")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,26 @@ class A2:
     if sampling.image_guidance is not None:
       raise InputError("image_guidance is a SkyReels-V3 R2V option; an A2 folder has one "
                        "guidance: leave image_guidance unset")
-    conditioning.check_reference_count(num_refs, sampling.frames)
+    self.check_reference_count(num_refs, sampling.frames)
+
+  def check_reference_count(self, num_refs: int, frames: int) -> None:
+    conditioning.check_reference_count(num_refs, frames)
+
+  def in_channels(self, z: int) -> int:
+    """The transformer's input channels for z latent channels: noise ‖ mask ‖ condition."""
+    return 2 * z + conditioning.MASK_CHANNELS
+
+  def condition_shape(self, f: int, h: int, w: int, z: int) -> tuple[int, ...]:
+    """`condition` of one video: (f, h, w, 4 + z)."""
+    return (f, h, w, conditioning.MASK_CHANNELS + z)
+
+  def synthetic_condition(self, rng: np.random.Generator, num_refs: int, frames: int,
+                          shape: tuple[int, ...]) -> np.ndarray:
+    """A random `condition` of `shape` for synthetic training records: the mask over `num_refs`
+    latent frames ‖ unit-normal latents."""
+    f, h, w, c = shape
+    mask = conditioning.latent_mask(num_refs, frames, h, w)
+    return np.concatenate([mask, rng.standard_normal((f, h, w, c - mask.shape[-1]), np.float32)], -1)
 
   def branches(self, sampling: SamplingConfig) -> int:
     """2 (conditional + unconditional); 1 at guidance 1, where the second adds nothing."""
@@ -61,10 +80,10 @@ class A2:
     """(N, H, W, 3) → the condition video (F, H, W, 3), encoded as one video."""
     return conditioning.condition_video(references, frames)
 
-  def condition(self, latents: jnp.ndarray, num_refs: int, sampling: SamplingConfig) -> jnp.ndarray:
-    """Normalised latents of the condition videos (B, f, h, w, z) → mask ‖ latents
-    (B, f, h, w, 4 + z)."""
-    return conditioning.with_mask(latents, num_refs, sampling.frames)
+  def condition(self, latents: jnp.ndarray, num_refs: int, frames: int) -> jnp.ndarray:
+    """Normalised latents of the condition videos (B, f, h, w, z) of `frames` pixel frames →
+    mask ‖ latents (B, f, h, w, 4 + z)."""
+    return conditioning.with_mask(latents, num_refs, frames)
 
   def branch_conditions(self, condition: jnp.ndarray, branches: int) -> jnp.ndarray:
     """Every branch sees the references."""
@@ -95,13 +114,32 @@ class V3R2V:
   default_negative_prompt = ""  # what its generate_video passes
 
   def check(self, sampling: SamplingConfig, num_refs: int) -> None:
-    conditioning_v3.check_reference_count(num_refs)
+    self.check_reference_count(num_refs, sampling.frames)
     if sampling.guidance < 1.0:
       raise InputError(f"guidance {sampling.guidance}: SkyReels-V3 R2V runs one branch at "
                        "guidance 1 and three above it; use 1 or more")
     if sampling.guidance == 1.0 and self.image_guidance(sampling) != 1.0:
       raise InputError(f"image_guidance {sampling.image_guidance} needs guidance > 1 (at guidance "
                        "1 the model runs one branch, as its release does): raise guidance too")
+
+  def check_reference_count(self, num_refs: int, frames: int) -> None:
+    conditioning_v3.check_reference_count(num_refs)
+
+  def in_channels(self, z: int) -> int:
+    """The transformer's input channels: the latents alone (references come as frames)."""
+    return z
+
+  def condition_shape(self, f: int, h: int, w: int, z: int) -> tuple[int, ...]:
+    """`condition` of one video: the 4 reference latent frames (4, h, w, z)."""
+    return (conditioning_v3.MAX_REFERENCES, h, w, z)
+
+  def synthetic_condition(self, rng: np.random.Generator, num_refs: int, frames: int,
+                          shape: tuple[int, ...]) -> np.ndarray:
+    """A random `condition` for synthetic training records: `num_refs` unit-normal reference
+    latent frames, zero latents after them."""
+    condition = np.zeros(shape, np.float32)
+    condition[:num_refs] = rng.standard_normal((num_refs, *shape[1:]), np.float32)
+    return condition
 
   @staticmethod
   def image_guidance(sampling: SamplingConfig) -> float:
@@ -122,7 +160,7 @@ class V3R2V:
     """(N, H, W, 3) → one-frame videos (N, 1, H, W, 3), each encoded alone."""
     return references[:, None]
 
-  def condition(self, latents: jnp.ndarray, num_refs: int, sampling: SamplingConfig) -> jnp.ndarray:
+  def condition(self, latents: jnp.ndarray, num_refs: int, frames: int) -> jnp.ndarray:
     """Normalised reference latents (B, N, h, w, z) → (B, 4, h, w, z), zero latents after them."""
     return conditioning_v3.reference_latents(latents)
 
@@ -156,13 +194,12 @@ def of(cfg: Config) -> A2 | V3R2V:
   return FAMILIES[cfg.family]
 
 
-def require_a2(cfg: Config, what: str) -> None:
-  """Refuse a SkyReels-V3 R2V config in a path that handles SkyReels-A2 only so far (`what` names
-  it and the model it holds): one line with what to use instead."""
-  if cfg.family != A2.name:
-    raise ConfigError(f"{what} is a SkyReels-V3 R2V model (family {cfg.family}): this command "
-                      "supports SkyReels-A2 only so far; sample it with sample.py, the web app or "
-                      "A2Pipeline.from_folder")
+def require_clip(cfg: Config, what: str) -> None:
+  """Refuse a config whose family has no CLIP image encoder (V3 R2V) where a command needs one
+  (`what` names the folder): one line with what to pass instead."""
+  if not of(cfg).uses_clip:
+    raise ConfigError(f"{what} is a SkyReels-V3 R2V model, which has no CLIP image encoder; this "
+                      "command scores with one: pass a SkyReels-A2 folder")
 
 
 def branch_contexts(text: jnp.ndarray, negative_text: jnp.ndarray, branches: int) -> jnp.ndarray:

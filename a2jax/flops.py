@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from a2jax import configs
 from a2jax.configs import Config, TransformerConfig
 
 FORWARDS_PER_STEP = 3
@@ -30,6 +31,7 @@ class VideoShape:
   text_len: int = 512
   image_len: int = 771    # 257 CLIP tokens per reference, 3 references
   vae_stride: tuple[int, int, int] = (4, 8, 8)
+  reference_frames: int = 0  # latent frames after the video's (V3 R2V: 4, configs.REFERENCE_FRAMES)
 
   @property
   def latent_grid(self) -> tuple[int, int, int]:
@@ -48,7 +50,7 @@ def transformer_flops(cfg: TransformerConfig, video: VideoShape) -> dict[str, fl
   """
   f, h, w = video.latent_grid
   pt, ph, pw = cfg.patch_size
-  s = (f // pt) * (h // ph) * (w // pw)
+  s = ((f + video.reference_frames) // pt) * (h // ph) * (w // pw)
   d, ffn, n = cfg.inner_dim, cfg.ffn_dim, cfg.num_layers
   tl, il = video.text_len, video.image_len if cfg.image_dim else 0
   per_layer = {
@@ -73,7 +75,9 @@ def step_flops(cfg: Config, batch_shapes: dict[str, tuple[int, ...]]) -> float:
   b, f, h, w, _ = batch_shapes["latents"]
   st, ss = cfg.vae.scale_factor_temporal, cfg.vae.scale_factor_spatial
   video = VideoShape(frames=(f - 1) * st + 1, height=h * ss, width=w * ss, batch=b,
-                         text_len=batch_shapes["text"][1], image_len=batch_shapes["image"][1])
+                     text_len=batch_shapes["text"][1],
+                     image_len=batch_shapes["image"][1] if "image" in batch_shapes else 0,
+                     reference_frames=configs.REFERENCE_FRAMES[cfg.family])
   forward = transformer_flops(cfg.transformer, video)
   if cfg.train.lora is None:
     return FORWARDS_PER_STEP * b * forward["total"]

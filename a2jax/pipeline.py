@@ -312,7 +312,7 @@ class A2Pipeline:
                             for k in posterior_keys])
       latents = mean + jnp.exp(0.5 * logvar) * eps
     condition = self.family.condition(normalize_latents(latents, self.cfg.vae),
-                                      requests[0].num_refs, sampling)
+                                      requests[0].num_refs, sampling.frames)
     return image, condition
 
   def prepare(self, requests: Sequence[Request], sampling: SamplingConfig,

@@ -32,6 +32,10 @@ from a2jax.models.lora import LoadedLoRA
 from convert_weights import common, transformer
 
 FORMATS = ("original", "kohya", "diffusers")
+# Parts of the image branch's module names (A2 / Wan I2V) in every format's spelling: diffusers
+# (attn2.add_k_proj, …, image_embedder) and original / kohya (cross_attn.k_img, …, img_emb).
+IMAGE_BRANCH_PARTS = ("add_k_proj", "add_v_proj", "norm_added_k", "image_embedder", "k_img",
+                      "v_img", "img_emb")
 _PREFIXES = {"original": "diffusion_model.", "kohya": "lora_unet_", "diffusers": "transformer."}
 # key suffix -> (kind, the parameter's torch leaf name)
 _SUFFIXES = (
@@ -133,6 +137,10 @@ def read_lora(path: str | os.PathLike, cfg: TransformerConfig, strength: float =
   for (module, leaf), keys in grouped.items():
     name = f"{module}.{leaf}" if leaf else module
     some_key = next(iter(keys.values()))
+    if name not in index and cfg.image_dim is None and any(p in name for p in IMAGE_BRANCH_PARTS):
+      raise ConversionError(f"{path}: LoRA key {some_key!r} is of an image branch (an A2 / Wan I2V "
+                            "LoRA), and this transformer has none (SkyReels-V3 R2V, text-to-video): "
+                            "use a LoRA trained for this model")
     if name not in index:
       raise ConversionError(f"{path}: LoRA key {some_key!r} maps to no parameter of the transformer "
                             f"({cfg.num_layers} layers, image branch {cfg.image_dim is not None})")

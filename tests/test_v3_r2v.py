@@ -152,14 +152,6 @@ def test_image_guidance_is_refused_for_a2(release):
     configs.Config(family="v4")
 
 
-def test_paths_not_yet_ported_refuse_a_v3_folder_in_one_line(release_v3):
-  """Offline encoding (for training) handles SkyReels-A2 only so far: one line naming the folder
-  and what to use instead."""
-  from a2jax.data.encode import Encoder
-  with pytest.raises(ConfigError, match="SkyReels-V3 R2V model.*sample.py"):
-    Encoder.from_folder(release_v3[1])
-
-
 def test_lora_files_merge_into_a_v3_folder_and_sample(release_v3, tmp_path):
   """A LoRA file (original Wan names) on the V3 R2V transformer: `merge-lora` writes a folder
   whose transformer is the in-memory merge, and sampling it equals sampling the base with
@@ -300,3 +292,31 @@ def test_export_writes_what_the_v3_release_loads_and_converts_back_bit_identical
     assert got.keys() == want.keys()
     for path in want:
       np.testing.assert_array_equal(got[path], want[path], err_msg="/".join(path))
+
+
+def test_an_a2_lora_on_a_v3_folder_is_one_line(release, release_v3, tmp_path, capsys):
+  """A LoRA with image-branch keys (A2 / Wan I2V) given to a V3 R2V folder, in every format."""
+  import sample
+  from data_util import write_reference_pictures
+  from test_lora_formats import random_entries, write_entries
+  a2 = checkpoints.read_config(release[1]).transformer
+  pictures = write_reference_pictures(tmp_path, 3)
+  for fmt in ("original", "kohya", "diffusers"):
+    lora_file = write_entries(random_entries(a2, 0), fmt, tmp_path / f"a2_{fmt}.safetensors")
+    assert sample.main(["--checkpoint", str(release_v3[1]), "--prompt", "A man.", "--ref",
+                        str(pictures / "man.png"), "--out", str(tmp_path / "o.mp4"),
+                        "--lora", str(lora_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert "image branch (an A2 / Wan I2V LoRA)" in err and "use a LoRA trained" in err, err
+  assert not (tmp_path / "o.mp4").exists()
+
+
+def test_clip_benchmark_refuses_a_v3_folder_in_one_line(release_v3, tmp_path, capsys):
+  """`python -m a2jax.eval bench` scores with the folder's CLIP encoder, which V3 R2V lacks."""
+  from a2jax.eval import __main__ as eval_cli
+  jobs = tmp_path / "jobs.jsonl"
+  jobs.write_text('{"prompt": "A man.", "refs": ["man.png"], "out": "a.mp4"}\n')
+  assert eval_cli.main(["bench", "--checkpoint", str(release_v3[1]), "--jobs", str(jobs)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "no CLIP image encoder" in err, err

@@ -6,14 +6,17 @@ python -m a2jax.data.encode --src DATA_DIR --checkpoint CONVERTED --dst OUT \
     [--target-posterior mean|sample] [--distributed] [data.frames=81 data.seed=0 mesh.fsdp=8 …]
 ```
 `DATA_DIR`: a dataset built by `python -m a2jax.data.triplets`. `CONVERTED`: an a2jax folder with
-`vae/`, `clip/`, `umt5/`, `tokenizer/`, `image_processor/` and `config.yaml`, whose `data` section
-(overridable with key=value) gives the bucket: frames, height, width, frame stride. Per clip
-(the grain pipeline's decoding, in stored order, no dropout):
+`vae/`, `umt5/`, `tokenizer/`, `config.yaml` and, for A2, `clip/` and `image_processor/`, whose
+`data` section (overridable with key=value) gives the bucket: frames, height, width, frame stride.
+Per clip (the grain pipeline's decoding, in stored order, no dropout), as the folder's model
+family conditions its sampler (a2jax/families.py):
   latents    = normalise(VAE posterior mean (or a sample) of the clip)
-  condition  = mask ‖ normalise(VAE posterior of the condition video), the posterior chosen by
-               `sampling.condition_posterior` as in sampling (`a2jax.conditioning`)
+  condition  = A2: mask ‖ normalise(VAE posterior of the condition video) (`a2jax.conditioning`);
+               V3 R2V: normalise(VAE posterior of each reference alone), zero latents up to 4
+               (`a2jax.conditioning_v3`); the posterior chosen by `sampling.condition_posterior`
+               as in sampling
   text       = umT5 states of the caption, zero past its length
-  image      = CLIP tokens of the references
+  image      = CLIP tokens of the references (A2 only)
 `data.seed` seeds each clip's first frame and the posterior samples. One dataset holds one
 reference count (a batch needs one shape): `--num-references`, by default the most common count
 of the split; clips with another count are counted and reported. `data.num_threads` threads decode.
@@ -49,7 +52,7 @@ import tqdm
 from array_record.python import array_record_module
 from jax.experimental import multihost_utils
 
-from a2jax import checkpoints, conditioning, distributed, families, preprocess, sharding, text
+from a2jax import checkpoints, distributed, families, preprocess, sharding, text
 from a2jax.configs import Config
 from a2jax.data import encoded, pipeline, triplets
 from a2jax import logs
@@ -66,13 +69,15 @@ POSTERIORS = ("mean", "sample")
 
 
 def features(cfg: Config, num_refs: int) -> dict[str, dict[str, Any]]:
-  """The encoded records' shapes for the bucket of `cfg.data` and `num_refs` references."""
-  d, v = cfg.data, cfg.vae
+  """The encoded records' shapes for the bucket of `cfg.data`, `num_refs` references and the
+  config's model family."""
+  d, v, family = cfg.data, cfg.vae, families.of(cfg)
   f = latent_frames(d.frames)
   h, w = d.height // v.scale_factor_spatial, d.width // v.scale_factor_spatial
-  shapes = {"latents": [f, h, w, v.z_dim], "condition": [f, h, w, conditioning.MASK_CHANNELS + v.z_dim],
-            "text": [cfg.umt5.max_length, cfg.umt5.d_model],
-            "image": [num_refs * clip_model.num_tokens(cfg.clip), cfg.clip.hidden_size]}
+  shapes = {"latents": [f, h, w, v.z_dim], "condition": list(family.condition_shape(f, h, w, v.z_dim)),
+            "text": [cfg.umt5.max_length, cfg.umt5.d_model]}
+  if family.uses_clip:
+    shapes["image"] = [num_refs * clip_model.num_tokens(cfg.clip), cfg.clip.hidden_size]
   return {k: {"shape": s, "dtype": "float32"} for k, s in shapes.items()}
 
 
@@ -84,32 +89,43 @@ def _posterior(mean: jax.Array, logvar: jax.Array, keys: jax.Array | None) -> ja
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_refs", "target_sample", "cond_sample"))
-def encode_visual(vae_params, clip_params, video, cond_video, clip_pixels, keys, *, cfg: Config,
+def encode_visual(vae_params, clip_params, video, ref_videos, clip_pixels, keys, *, cfg: Config,
                   num_refs: int, target_sample: bool, cond_sample: bool):
-  """video, cond_video (B, F, H, W, 3) in [−1, 1], clip_pixels (B, N, c, c, 3), keys (B,) →
-  (latents (B, f, h, w, z), condition (B, f, h, w, 4 + z), image (B, S·N, D)), float32."""
-  image = clip_model.encode_references(clip_params, cfg.clip, clip_pixels)
+  """video (B, F, H, W, 3) in [−1, 1]; ref_videos: what the family VAE-encodes of the references
+  (A2: the condition videos (B, F, H, W, 3); V3 R2V: one-frame videos (B, N, 1, H, W, 3)), in
+  [−1, 1]; clip_pixels (B, N, c, c, 3) or None; keys (B,) → (latents (B, f, h, w, z), condition
+  (`features`), image (B, S·N, D) or None), float32."""
+  family = families.of(cfg)
   vae = WanVAE(cfg.vae)
-  mean, logvar = vae.apply({"params": vae_params}, jnp.concatenate([video, cond_video]),
-                           method=vae.encode)
+  encode = lambda v: vae.apply({"params": vae_params}, v, method=vae.encode)
   b = video.shape[0]
+  refs = ref_videos.reshape(-1, *ref_videos.shape[-4:])
+  if refs.shape[1:] == video.shape[1:]:  # A2: one VAE call for the clips and condition videos
+    mean, logvar = encode(jnp.concatenate([video, refs]))
+    (x_mean, ref_mean), (x_logvar, ref_logvar) = ((a[:b], a[b:]) for a in (mean, logvar))
+  else:
+    (x_mean, x_logvar), (ref_mean, ref_logvar) = encode(video), encode(refs)
+  ref_mean, ref_logvar = (a.reshape(b, -1, *a.shape[-3:]) for a in (ref_mean, ref_logvar))
   target_keys, cond_keys = (jax.vmap(lambda k: jax.random.split(k))(keys).transpose(1, 0, 2)
                             if target_sample or cond_sample else (None, None))
-  x0 = _posterior(mean[:b], logvar[:b], target_keys if target_sample else None)
-  cond = _posterior(mean[b:], logvar[b:], cond_keys if cond_sample else None)
+  x0 = _posterior(x_mean, x_logvar, target_keys if target_sample else None)
+  cond = _posterior(ref_mean, ref_logvar, cond_keys if cond_sample else None)
   latents = normalize_latents(x0, cfg.vae).astype(jnp.float32)
-  condition = conditioning.with_mask(normalize_latents(cond, cfg.vae), num_refs, cfg.data.frames)
-  return latents, condition, image.astype(jnp.float32)
+  condition = family.condition(normalize_latents(cond, cfg.vae), num_refs, cfg.data.frames)
+  image = (None if clip_pixels is None else
+           clip_model.encode_references(clip_params, cfg.clip, clip_pixels).astype(jnp.float32))
+  return latents, condition, image
 
 
 @dataclasses.dataclass
 class Encoder:
-  """The three encoders of a converted folder on one mesh; `__call__` encodes a batch of examples."""
+  """The encoders of a converted folder (VAE, umT5 and, for A2, CLIP) on one mesh; `__call__`
+  encodes a batch of examples."""
 
   cfg: Config
   params: dict[str, Any]
   tokenizer: Any
-  clip_processor: preprocess.ClipImageProcessor
+  clip_processor: preprocess.ClipImageProcessor | None
   mesh: jax.sharding.Mesh
   target_posterior: str = "mean"
   _programs: dict[Any, Any] = dataclasses.field(default_factory=dict, init=False, repr=False)
@@ -119,22 +135,25 @@ class Encoder:
                   **kwargs) -> "Encoder":
     folder = pathlib.Path(folder)
     cfg = checkpoints.read_config(folder, overrides)
-    families.require_a2(cfg, str(folder))
+    family = families.of(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     params = {name: checkpoints.load_component(folder, name, getattr(cfg, name), mesh)
-              for name in ("vae", "clip", "umt5")}
-    return cls(cfg, params, text.load_tokenizer(folder / TOKENIZER_DIR),
-               preprocess.ClipImageProcessor.from_folder(folder / IMAGE_PROCESSOR_DIR), mesh,
-               **kwargs)
+              for name in family.components if name != "transformer"}
+    processor = (preprocess.ClipImageProcessor.from_folder(folder / IMAGE_PROCESSOR_DIR)
+                 if family.uses_clip else None)
+    return cls(cfg, params, text.load_tokenizer(folder / TOKENIZER_DIR), processor, mesh, **kwargs)
 
-  def _place(self, x: np.ndarray) -> jax.Array:
+  def _place(self, x: np.ndarray | None) -> jax.Array | None:
+    if x is None:
+      return None
     spec = sharding.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, self.mesh)
     return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
 
   def _run(self, name: str, jitted, params: tuple, inputs: tuple, **static):
     """jitted(*params, *inputs, **static), compiled once per (name, input shapes) (the params are
     the encoder's own); several processes meet after each compile (`distributed.compile_together`)."""
-    key = (name, tuple(sorted(static.items())), tuple((x.shape, str(x.dtype)) for x in inputs))
+    key = (name, tuple(sorted(static.items())),
+           tuple(None if x is None else (x.shape, str(x.dtype)) for x in inputs))
     if key not in self._programs:
       self._programs[key] = distributed.compile_together(jitted, *params, *inputs, name=name,
                                                          **static)
@@ -143,12 +162,11 @@ class Encoder:
   def __call__(self, examples: list[dict[str, Any]], positions: Sequence[int]) -> list[dict]:
     """Examples of `pipeline.decode_example` (one reference count) at stored `positions` →
     encoded records. `positions` seed the posterior samples, so a resumed run draws the same."""
-    cfg = self.cfg
+    cfg, family = self.cfg, families.of(self.cfg)
     num_refs = len(examples[0]["references"])
     video = np.stack([e["video"] for e in examples])
-    cond_video = np.stack([conditioning.condition_video(e["references"], cfg.data.frames)
-                           for e in examples])
-    clip_pixels = np.stack([e["clip"] for e in examples])
+    ref_videos = np.stack([family.vae_input(e["references"], cfg.data.frames) for e in examples])
+    clip_pixels = np.stack([e["clip"] for e in examples]) if family.uses_clip else None
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(cfg.data.seed), i))(
         jnp.asarray(positions, jnp.uint32))
     ids, mask = text.tokenize(self.tokenizer, [e["caption"] for e in examples], cfg.umt5.max_length)
@@ -156,13 +174,13 @@ class Encoder:
       text_states = self._run("umt5", text.encode_ids, (self.params["umt5"],), (ids, mask),
                               cfg=cfg.umt5)
       latents, condition, image = self._run(
-          "vae and clip", encode_visual, (self.params["vae"], self.params["clip"]),
-          (self._place(video), self._place(cond_video), self._place(clip_pixels), keys), cfg=cfg,
+          "vae and clip", encode_visual, (self.params["vae"], self.params.get("clip")),
+          (self._place(video), self._place(ref_videos), self._place(clip_pixels), keys), cfg=cfg,
           num_refs=num_refs, target_sample=self.target_posterior == "sample",
           cond_sample=cfg.sampling.condition_posterior == "sample")
     out = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True), np.float32)
            for k, v in (("latents", latents), ("condition", condition),
-                        ("text", text_states), ("image", image))}
+                        ("text", text_states), ("image", image)) if v is not None}
     return [{k: v[i] for k, v in out.items()} for i in range(len(examples))]
 
 
@@ -214,7 +232,7 @@ def encode_dataset(src: str | pathlib.Path, encoder: Encoder, dst: str | pathlib
   ds = pipeline.triplet_dataset(
       src, frames=d.frames, height=d.height, width=d.width, frame_stride=d.frame_stride,
       seed=cfg.data.seed, split=split, num_references=num_references, num_epochs=1,
-      shuffle=False, clip_processor=encoder.clip_processor)
+      shuffle=False, clip_processor=encoder.clip_processor, family=cfg.family)
   settings = {"src": str(pathlib.Path(src).resolve()), "split": split,
               "num_references": num_references, "records_per_shard": records_per_shard,
               "frames": d.frames, "height": d.height, "width": d.width,

@@ -1,11 +1,12 @@
 """Encoded training records: what the DiT-only training step reads.
 
 One record per clip, every array float32, the same shapes for every record of a dataset (one
-training bucket: frames × height × width and number of references):
+training bucket: frames × height × width and number of references, one model family):
   "latents"   (f, h, w, z_dim)       normalised VAE latents of the target video (x0)
-  "condition" (f, h, w, 4 + z_dim)   mask (4 ch) ‖ normalised condition latents
+  "condition" A2: (f, h, w, 4 + z_dim) mask (4 ch) ‖ normalised condition latents;
+              V3 R2V: (4, h, w, z_dim) the normalised reference latents, zero latents after them
   "text"      (T, text_dim)          umT5 states, zero past the prompt
-  "image"     (I, image_dim)         CLIP tokens of the N references, I = 257·N
+  "image"     (I, image_dim)         CLIP tokens of the N references, I = 257·N (A2 only)
 
 A dataset is a folder of ArrayRecord shards plus `spec.json` (shapes, dtypes, shard files and
 their record counts, free-form metadata). A record is the raw bytes of its arrays in the spec's
@@ -28,7 +29,8 @@ from array_record.python import array_record_module
 
 from a2jax.errors import InputError
 
-FEATURES = ("latents", "condition", "text", "image")
+FEATURES = ("latents", "condition", "text", "image")   # the order of a record's bytes
+REQUIRED = ("latents", "condition", "text")            # "image" only where the family has CLIP
 SPEC_FILE = "spec.json"
 FORMAT = "a2jax.encoded/1"
 # group_size 1: every record is its own chunk, so random access reads only that record;
@@ -41,29 +43,33 @@ def shard_name(index: int, count: int) -> str:
 
 
 def _features_of(record: Mapping[str, Any], where: str) -> dict[str, dict[str, Any]]:
-  missing = [k for k in FEATURES if k not in record]
+  missing = [k for k in REQUIRED if k not in record]
   extra = sorted(set(record) - set(FEATURES))
   if missing or extra:
-    raise InputError(f"{where}: keys {sorted(record)}; an encoded record has exactly {list(FEATURES)}"
-                     f" (missing {missing}, unexpected {extra})")
-  return {k: {"shape": list(np.shape(record[k])), "dtype": "float32"} for k in FEATURES}
+    raise InputError(f"{where}: keys {sorted(record)}; an encoded record has exactly {list(REQUIRED)} and, "
+                     f"for A2, 'image' (missing {missing}, unexpected {extra})")
+  return {k: {"shape": list(np.shape(record[k])), "dtype": "float32"} for k in FEATURES
+          if k in record}
 
 
 def pack(record: Mapping[str, Any], features: Mapping[str, Any], where: str = "record") -> bytes:
-  """The record's arrays as float32 bytes in FEATURES order; shapes must match `features`."""
+  """The record's arrays as float32 bytes in FEATURES order; keys and shapes must match
+  `features`."""
   got = _features_of(record, where)
   if got != dict(features):
-    bad = [k for k in FEATURES if got[k] != features[k]]
+    bad = [k for k in FEATURES if got.get(k) != features.get(k)]
+    shape = lambda spec: spec["shape"] if spec else "absent"
     raise InputError(
-        f"{where}: " + ", ".join(f"{k} {got[k]['shape']} ≠ {features[k]['shape']}" for k in bad) + "; "
-        "every record of a dataset has the same shapes: write one dataset per bucket / reference count")
-  return b"".join(np.ascontiguousarray(record[k], np.float32).tobytes() for k in FEATURES)
+        f"{where}: " + ", ".join(f"{k} {shape(got.get(k))} ≠ {shape(features.get(k))}" for k in bad)
+        + "; every record of a dataset has the same shapes: write one dataset per bucket / "
+        "reference count")
+  return b"".join(np.ascontiguousarray(record[k], np.float32).tobytes() for k in got)
 
 
 def unpack(data: bytes, features: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Inverse of `pack`: {name: float32 array} (read-only views of `data`)."""
   out, offset = {}, 0
-  for k in FEATURES:
+  for k in (k for k in FEATURES if k in features):
     shape = tuple(features[k]["shape"])
     n = int(np.prod(shape))
     out[k] = np.frombuffer(data, np.float32, count=n, offset=offset).reshape(shape)
@@ -212,8 +218,11 @@ def encoded_dataset(data_dir: str | os.PathLike, *, seed: int, shard_index: int 
   """Unbatched records of this host: sharded, shuffled anew each epoch, repeated, CFG dropout.
 
   Dropout sets "text" to zeros (the unconditional prompt of training) with probability
-  `text_dropout`, and "image" (the references' CLIP tokens) to zeros with probability
-  `ref_dropout`, independently, from a generator seeded by (seed, shard_index, position).
+  `text_dropout`, and the references' conditioning to zeros with probability `ref_dropout`,
+  independently, from a generator seeded by (seed, shard_index, position): A2's "image" (the CLIP
+  tokens; its condition video stays, as in its sampler's unconditional branch), or, in a record
+  without CLIP tokens (V3 R2V), the reference latent frames "condition" (its sampler's third
+  branch: all-zero reference frames).
   """
   check_probabilities(text_dropout=text_dropout, ref_dropout=ref_dropout)
   ds = shard_for_host(grain.MapDataset.source(EncodedSource(data_dir)), shard_index, shard_count)
@@ -228,7 +237,8 @@ def encoded_dataset(data_dir: str | os.PathLike, *, seed: int, shard_index: int 
     if drop_text:
       record["text"] = np.zeros_like(record["text"])
     if drop_refs:
-      record["image"] = np.zeros_like(record["image"])
+      refs = "image" if "image" in record else "condition"
+      record[refs] = np.zeros_like(record[refs])
     return record
 
   return ds.map_with_index(dropout)

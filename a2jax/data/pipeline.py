@@ -8,13 +8,15 @@ then the first frame. A restored iterator therefore continues exactly where it s
 One example:
   "video"      float32 (F, H, W, 3) in [−1, 1]: F frames at `frame_stride` from a random start,
                each center-cropped to the bucket's aspect ratio and resized to H×W
-  "references" float32 (N, H, W, 3) in [−1, 1]: the VAE branch, as sampling builds it
-               (`conditioning.reference_pixels`); `conditioning.condition_video` makes the
-               condition video from it
-  "clip"       float32 (N, c, c, 3): the CLIP branch (512² white squares, CLIP-preprocessed)
+  "references" float32 (N, H, W, 3) in [−1, 1]: the VAE branch, as sampling builds it for the
+               model family (`family.reference_pixels`: A2 `conditioning.reference_pixels`, from
+               which `conditioning.condition_video` makes the condition video; V3 R2V
+               `conditioning_v3.reference_pixels`, each encoded alone)
+  "clip"       float32 (N, c, c, 3): the CLIP branch (512² white squares, CLIP-preprocessed);
+               A2 only
   "caption", "name": str;  "start": int (the first frame)
   "drop_text", "drop_refs": bool, classifier-free-guidance dropout: the consumer replaces the text
-               states / the CLIP tokens by zeros (as `encoded_loader` does), since dropping
+               states / the reference conditioning by zeros (as `encoded_loader` does), since dropping
                pixels or the caption string would not give the zero context the model trains on.
 """
 
@@ -27,7 +29,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from a2jax import conditioning, preprocess, video as video_io
+from a2jax import families, preprocess, video as video_io
 from a2jax.data import encoded, triplets
 from a2jax.errors import InputError
 
@@ -40,8 +42,10 @@ def _text(value: Any) -> str:
 
 def decode_example(record: dict[str, Any], rng: np.random.Generator, *, frames: int, height: int,
                    width: int, frame_stride: int, text_dropout: float, ref_dropout: float,
-                   clip_processor: preprocess.ClipImageProcessor) -> dict[str, Any]:
-  """A stored triplet record → one training example (see the module docstring)."""
+                   clip_processor: preprocess.ClipImageProcessor,
+                   family: str = "a2") -> dict[str, Any]:
+  """A stored triplet record → one training example of `family` (see the module docstring)."""
+  model_family = families.FAMILIES[family]
   drop_text, drop_refs = encoded.cfg_dropout_flags(rng, text_dropout, ref_dropout)
   span = (frames - 1) * frame_stride + 1
   num_frames = int(record["num_frames"])
@@ -56,12 +60,14 @@ def decode_example(record: dict[str, Any], rng: np.random.Generator, *, frames: 
   roles = [_text(r) for r in record["references"]["role"]]
   background = images[-1] if roles[-1] == "background" else None   # the builder puts it last
   subjects = images[:-1] if background is not None else images
-  return {
+  example = {
       "video": video,
-      "references": conditioning.reference_pixels(subjects, background, height, width),
-      "clip": preprocess.clip_reference_pixels(images, clip_processor),
+      "references": model_family.reference_pixels(subjects, background, height, width),
       "caption": _text(record["caption"]), "name": name, "start": start,
       "drop_text": drop_text, "drop_refs": drop_refs}
+  if model_family.uses_clip:
+    example["clip"] = preprocess.clip_reference_pixels(images, clip_processor)
+  return example
 
 
 def triplet_dataset(data_dir: str | os.PathLike, *, frames: int, height: int, width: int,
@@ -69,13 +75,15 @@ def triplet_dataset(data_dir: str | os.PathLike, *, frames: int, height: int, wi
                     shard_count: int = 1, num_references: int | None = None,
                     text_dropout: float = 0.0, ref_dropout: float = 0.0,
                     num_epochs: int | None = None, shuffle: bool = True,
-                    clip_processor: preprocess.ClipImageProcessor | None = None) -> grain.MapDataset:
+                    clip_processor: preprocess.ClipImageProcessor | None = None,
+                    family: str = "a2") -> grain.MapDataset:
   """Unbatched examples of this host (elements of skipped clips are None; iteration skips them).
 
   `num_references`: keep only clips with that many references (a batch needs one count); how many
   are kept and skipped is logged from the dataset's metadata. `clip_processor`: the release's
   settings by default, or `ClipImageProcessor.from_folder(<converted>/image_processor)`.
-  `shuffle=False` keeps the stored order (offline encoding).
+  `shuffle=False` keeps the stored order (offline encoding). `family`: the model family the
+  references are fitted for (a2jax/families.py).
   """
   builder = triplets.open_dataset(data_dir)
   meta = builder.info.metadata
@@ -92,7 +100,7 @@ def triplet_dataset(data_dir: str | os.PathLike, *, frames: int, height: int, wi
   ds = encoded.shard_for_host(ds, shard_index, shard_count)
   ds = (ds.shuffle(seed=seed) if shuffle else ds).repeat(num_epochs)
   if num_references is not None:
-    conditioning.check_reference_count(num_references, frames)
+    families.FAMILIES[family].check_reference_count(num_references, frames)
     counts = {int(k): v for k, v in meta["num_references"][split].items()}
     kept = counts.get(num_references, 0)
     if not kept:
@@ -108,7 +116,7 @@ def triplet_dataset(data_dir: str | os.PathLike, *, frames: int, height: int, wi
     return decode_example(record, encoded.element_rng(seed, shard_index, index), frames=frames,
                           height=height, width=width, frame_stride=frame_stride,
                           text_dropout=text_dropout, ref_dropout=ref_dropout,
-                          clip_processor=processor)
+                          clip_processor=processor, family=family)
 
   return ds.map_with_index(decode)
 

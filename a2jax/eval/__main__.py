@@ -44,7 +44,7 @@ def run_bench(args) -> dict:
   jobs_file = pathlib.Path(args.jobs)
   folder = pathlib.Path(args.checkpoint)
   cfg = checkpoints.read_config(folder)
-  families.require_a2(cfg, str(folder))  # the benchmark scores with the folder's CLIP encoder
+  families.require_clip(cfg, str(folder))
   cfg = cfg.clip
   params = checkpoints.load_component(folder, "clip", cfg)
   processor = preprocess.ClipImageProcessor.from_folder(folder / "image_processor")

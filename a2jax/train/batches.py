@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from a2jax import conditioning, families, sharding, video
+from a2jax import families, sharding, video
 from a2jax.configs import Config
 from a2jax.data.encoded import encoded_dataset
 from a2jax.errors import ConfigError
@@ -24,31 +24,37 @@ CLIP_TOKENS_PER_REFERENCE = 257
 def record_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
   """Per-sample shapes of encoded records for the configured bucket (data.frames × height × width,
   data.synthetic_text_len text tokens, data.synthetic_refs references)."""
-  families.require_a2(cfg, "the training config")
-  data, t = cfg.data, cfg.transformer
+  data, t, family = cfg.data, cfg.transformer, families.of(cfg)
   f = video.latent_frames(data.frames)
   h, w = data.height // cfg.vae.scale_factor_spatial, data.width // cfg.vae.scale_factor_spatial
   z = t.out_channels
-  if t.in_channels != 2 * z + conditioning.MASK_CHANNELS:
-    raise ConfigError(f"transformer.in_channels = {t.in_channels} is not latents ‖ mask ‖ condition "
-                      f"= {2 * z + conditioning.MASK_CHANNELS} channels: the A2 layout needs it")
-  return {"latents": (f, h, w, z), "condition": (f, h, w, conditioning.MASK_CHANNELS + z),
-          "text": (data.synthetic_text_len, t.text_dim),
-          "image": (CLIP_TOKENS_PER_REFERENCE * data.synthetic_refs, t.image_dim)}
+  if t.in_channels != family.in_channels(z):
+    raise ConfigError(f"transformer.in_channels = {t.in_channels}, the {family.name} layout needs "
+                      f"{family.in_channels(z)} for {z} latent channels: fix the config's family "
+                      "or its transformer section")
+  shapes = {"latents": (f, h, w, z), "condition": family.condition_shape(f, h, w, z),
+            "text": (data.synthetic_text_len, t.text_dim)}
+  if family.uses_clip:
+    shapes["image"] = (CLIP_TOKENS_PER_REFERENCE * data.synthetic_refs, t.image_dim)
+  return shapes
 
 
-def synthetic_record(shapes: dict[str, tuple[int, ...]], num_refs: int, seed: int,
-                     index: int) -> dict[str, np.ndarray]:
-  """One random encoded record, a function of (seed, index): unit-normal latents, the E2V mask
-  over `num_refs` latent frames ‖ unit-normal condition latents, text zero past a random length."""
+def synthetic_record(shapes: dict[str, tuple[int, ...]], num_refs: int, seed: int, index: int,
+                     family: str = "a2") -> dict[str, np.ndarray]:
+  """One random encoded record, a function of (seed, index): unit-normal latents, the family's
+  condition over `num_refs` references (`synthetic_condition`), text zero past a random length,
+  unit-normal CLIP tokens where the family has them."""
   rng = np.random.default_rng([seed, index])
-  f, h, w, z = shapes["latents"]
-  mask = conditioning.latent_mask(num_refs, 4 * (f - 1) + 1, h, w)
+  f = shapes["latents"][0]
   text = rng.standard_normal(shapes["text"], np.float32)
   text[rng.integers(1, shapes["text"][0] + 1):] = 0.0
-  return {"latents": rng.standard_normal((f, h, w, z), np.float32),
-          "condition": np.concatenate([mask, rng.standard_normal((f, h, w, z), np.float32)], -1),
-          "text": text, "image": rng.standard_normal(shapes["image"], np.float32)}
+  record = {"latents": rng.standard_normal(shapes["latents"], np.float32),
+            "condition": families.FAMILIES[family].synthetic_condition(
+                rng, num_refs, video.TEMPORAL_STRIDE * (f - 1) + 1, shapes["condition"]),
+            "text": text}
+  if "image" in shapes:
+    record["image"] = rng.standard_normal(shapes["image"], np.float32)
+  return record
 
 
 def record_dataset(cfg: Config) -> grain.MapDataset:
@@ -59,7 +65,7 @@ def record_dataset(cfg: Config) -> grain.MapDataset:
   if data.source == "synthetic":
     shapes = record_shapes(cfg)
     return grain.MapDataset.range(1 << 62).map(
-        lambda i: synthetic_record(shapes, data.synthetic_refs, data.seed, int(i)))
+        lambda i: synthetic_record(shapes, data.synthetic_refs, data.seed, int(i), cfg.family))
   return encoded_dataset(data.data_dir, seed=data.seed, text_dropout=data.text_dropout,
                          ref_dropout=data.ref_dropout)
 

@@ -2,11 +2,15 @@
 
 A batch holds encoded triplets (a2jax/data/encoded.py), leading axis B (the global batch):
   latents    float32 (B, f, h, w, z_dim)      normalised VAE latents of the target video (x0)
-  condition  float32 (B, f, h, w, 4 + z_dim)  mask ‖ normalised condition latents
+  condition  float32 A2: (B, f, h, w, 4 + z_dim) mask ‖ normalised condition latents;
+             V3 R2V: (B, 4, h, w, z_dim) normalised reference latents (zeros where dropped)
   text       float32 (B, T, text_dim)         umT5 states (zeros where dropped for CFG)
-  image      float32 (B, I, image_dim)        CLIP tokens of the references (zeros where dropped)
-The DiT sees [x_t ‖ condition] (36 channels for A2) at t = 1000·σ and predicts ε − x0
-(a2jax/train/loss.py). With grad_accum_steps = M the batch is split into M micro-batches scanned
+  image      float32 (B, I, image_dim)        CLIP tokens of the references (zeros where dropped;
+                                              A2 only)
+The DiT sees the family's input (`transformer_input`: A2 [x_t ‖ condition], 36 channels; V3 R2V
+x_t's frames then the 4 clean reference frames) at t = 1000·σ and predicts ε − x0 on the video's
+frames only: the output is cropped to x_t's f frames, so the reference frames are context, never
+targets (a2jax/train/loss.py). With grad_accum_steps = M the batch is split into M micro-batches scanned
 in sequence; micro-batch m takes rows m, M + m, 2M + m, … so that each device's rows of a
 batch-sharded array stay on that device.
 """
@@ -20,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from a2jax import sharding
+from a2jax import families, sharding
 from a2jax.configs import Config
 from a2jax.models.transformer import A2Transformer
 from a2jax.train import lora as train_lora
@@ -59,7 +63,7 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation
   (float32, averaged over micro-batches), clipped AdamW update, EMA. Metrics (float32 scalars): loss,
   grad_norm (before clipping), lr (of this update). With train.lora the gradient is that of the
   adapters (state.params) through the frozen base (state.frozen, passed through unchanged)."""
-  train = cfg.train
+  train, family = cfg.train, families.of(cfg)
   model = A2Transformer(cfg.transformer)
   schedule = learning_rate_schedule(train)
   accum = train.grad_accum_steps
@@ -75,8 +79,9 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation
     condition = batch["condition"].astype(jnp.float32)
 
     def predict(x_t, t):
-      x = jnp.concatenate([x_t, condition], axis=-1)
-      return apply(params, frozen, x, t, batch["text"], batch["image"])
+      v = apply(params, frozen, family.transformer_input(x_t, condition), t, batch["text"],
+                batch.get("image"))
+      return v[:, :x_t.shape[1]]
 
     loss, _ = flow_matching_loss(
         predict, batch["latents"], key, shift=cfg.sampling.shift, sampling=train.timestep_sampling,
