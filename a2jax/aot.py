@@ -119,8 +119,9 @@ def transformer_args(cfg: TransformerConfig, mesh, video: VideoShape) -> tuple[A
   """(params, x, t, text, image) as ShapeDtypeStructs with shardings by the logical rules.
 
   params in the config's param dtype (the blocks' kernels quantized when `cfg.weights` asks);
-  x (B, f, h, w, in_channels) float32 (the sampler's state), t (B,) float32, text (B, T, text_dim)
-  and image (B, I, image_dim) in the compute dtype.
+  x (B, f + video.reference_frames, h, w, in_channels) float32 (the sampler's state, with V3 R2V's
+  reference frames), t (B,) float32, text (B, T, text_dim) and image (B, I, image_dim) in the
+  compute dtype (None without an image branch).
   """
   from a2jax.models import quant
   from a2jax.models.transformer import init_abstract_boxed
@@ -130,13 +131,14 @@ def transformer_args(cfg: TransformerConfig, mesh, video: VideoShape) -> tuple[A
                         params, shardings)
   b, (f, h, w) = video.batch, video.latent_grid
   dtype = jnp.dtype(cfg.dtype)
-  x = abstract_array((b, f, h, w, cfg.in_channels), jnp.float32,
-                ("batch", "frames", "height", "width", "channels"), mesh)
+  x = abstract_array((b, f + video.reference_frames, h, w, cfg.in_channels), jnp.float32,
+                     ("batch", "frames", "height", "width", "channels"), mesh)
   t = abstract_array((b,), jnp.float32, ("batch",), mesh)
   text = abstract_array((b, video.text_len, cfg.text_dim), dtype,
-                   ("batch", "context_tokens", "act_embed"), mesh)
-  image = abstract_array((b, video.image_len, cfg.image_dim), dtype,
-                    ("batch", "context_tokens", "act_embed"), mesh)
+                        ("batch", "context_tokens", "act_embed"), mesh)
+  image = (None if cfg.image_dim is None else
+           abstract_array((b, video.image_len, cfg.image_dim), dtype,
+                          ("batch", "context_tokens", "act_embed"), mesh))
   return params, x, t, text, image
 
 
@@ -192,7 +194,8 @@ def compile_transformer(target: str, mesh_cfg: MeshConfig, overrides: Sequence[s
   Returns compile_program's measurements plus the analytic FLOPs of the whole batch, the mesh
   and the target's device kind.
   """
-  cfg = configs.load(preset, overrides=list(overrides)).transformer
+  full = configs.load(preset, overrides=list(overrides))
+  cfg, video = full.transformer, for_family(video, full)
   devices = target_devices(target)
   mesh = sharding.make_mesh(mesh_cfg, devices)  # follows the physical topology (mesh_utils)
   args = transformer_args(cfg, mesh, video)
@@ -205,37 +208,50 @@ def compile_transformer(target: str, mesh_cfg: MeshConfig, overrides: Sequence[s
   return result
 
 
+def for_family(video: VideoShape, cfg: configs.Config) -> VideoShape:
+  """`video` with the family's reference latent frames (V3 R2V: 4) and no image tokens where the
+  family has no CLIP."""
+  return dataclasses.replace(video, reference_frames=configs.REFERENCE_FRAMES[cfg.family],
+                             image_len=video.image_len if cfg.transformer.image_dim else 0)
+
+
 def sampling_step_args(cfg: configs.Config, mesh, video: VideoShape) -> tuple[Any, ...]:
   """(params, noise, text, negative_text, image, condition) of `pipeline.denoise_fn` for one video
-  (its CFG pair is the batch of 2 inside), as sharded ShapeDtypeStructs."""
+  (its guidance branches are the batch inside), as sharded ShapeDtypeStructs; image None and
+  condition the reference frames for V3 R2V (`families.condition_shape`)."""
+  from a2jax import families
   t = cfg.transformer
-  params, *_ = transformer_args(t, mesh, video)
+  params, *_, image = transformer_args(t, mesh, dataclasses.replace(video, batch=1))
   (f, h, w), z = video.latent_grid, cfg.vae.z_dim
   dtype = jnp.dtype(t.dtype)
   grid = ("batch", "frames", "height", "width", "channels")
   context = ("batch", "context_tokens", "act_embed")
+  condition = families.of(cfg).condition_shape(f, h, w, z)
   return (params, abstract_array((1, f, h, w, z), jnp.float32, grid, mesh),
           abstract_array((1, video.text_len, t.text_dim), dtype, context, mesh),
           abstract_array((1, video.text_len, t.text_dim), dtype, context, mesh),
-          abstract_array((1, video.image_len, t.image_dim), dtype, context, mesh),
-          abstract_array((1, f, h, w, t.in_channels - z), jnp.float32, grid, mesh))
+          image, abstract_array((1, *condition), jnp.float32, grid, mesh))
 
 
 def compile_sampling_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence[str] = (),
                           video: VideoShape = VideoShape(), preset: str = "a2_14b") -> dict[str, Any]:
-  """Compiles one whole sampling step of the pipeline (the CFG pair through the transformer, the
-  guidance combination and a UniPC update: `pipeline.denoise_fn` with steps = 1) for `target`."""
-  from a2jax import pipeline
+  """Compiles one whole sampling step of the pipeline (the preset's guidance branches through the
+  transformer — A2: the CFG pair; V3 R2V: 1, or 3 above guidance 1 —, the guidance combination and
+  a UniPC update: `pipeline.denoise_fn` with steps = 1) for `target`."""
+  from a2jax import families, pipeline
   cfg = configs.load(preset, overrides=list(overrides))
+  video = for_family(video, cfg)
   devices = target_devices(target)
   mesh = sharding.make_mesh(mesh_cfg, devices)
   args = sampling_step_args(cfg, mesh, video)
   step = pipeline.denoise_fn(cfg, dataclasses.replace(cfg.sampling, steps=1))
   result = compile_program(step, args, mesh)
   flops = transformer_flops(cfg.transformer, video)
+  branches = families.of(cfg).branches(cfg.sampling)
   result.update(target=target, device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
                 attention=cfg.transformer.attention, tokens=int(flops["tokens"]),
-                flops=2 * flops["total"], flops_per_sample=flops["total"], program="sampling_step",
+                branches=branches, flops=branches * flops["total"],
+                flops_per_sample=flops["total"], program="sampling_step",
                 peak_gib=round(result["peak_bytes"] / GIB, 2))
   return result
 
@@ -251,9 +267,13 @@ def train_step_args(cfg: configs.Config, mesh, video: VideoShape):
                                                    cfg.train.ema_decay is not None, cfg.train.lora)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        abstract, shardings)
+  from a2jax import families
   t, b, (f, h, w), z = cfg.transformer, video.batch, video.latent_grid, cfg.vae.z_dim
-  shapes = {"latents": (b, f, h, w, z), "condition": (b, f, h, w, t.in_channels - z),
-            "text": (b, video.text_len, t.text_dim), "image": (b, video.image_len, t.image_dim)}
+  family = families.of(cfg)
+  shapes = {"latents": (b, f, h, w, z), "condition": (b, *family.condition_shape(f, h, w, z)),
+            "text": (b, video.text_len, t.text_dim)}
+  if family.uses_clip:
+    shapes["image"] = (b, video.image_len, t.image_dim)
   batch = {k: abstract_array(v, jnp.float32, train_step.BATCH_LOGICAL_AXES[k], mesh)
            for k, v in shapes.items()}
   key = jax.eval_shape(lambda: jax.random.key(0))
@@ -272,6 +292,7 @@ def compile_train_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence[st
   `lora_params` the number of trained parameters."""
   from a2jax.train import step as train_step
   cfg = configs.load(preset, overrides=list(overrides))
+  video = for_family(video, cfg)
   devices = target_devices(target)
   mesh = sharding.make_mesh(mesh_cfg, devices)
   tx, shardings, args = train_step_args(cfg, mesh, video)

@@ -97,15 +97,27 @@ def test_splash_matches_xla_in_interpret_mode(monkeypatch, length):
     assert err <= SPLASH_TOL, (name, err)
 
 
-def test_analytic_flops_match_cost_analysis():
+V3_R2V = ["family=v3_r2v", "transformer.in_channels=16", "transformer.image_dim=null",
+          "transformer.added_kv_proj_dim=null"]
+
+
+# Grids of at most attention.CPU_QUERY_CHUNK tokens: the CPU attention loops over query chunks
+# above that, and XLA would count the loop's body once. V3 R2V: (3 + 4 reference) × 6 × 6 tokens.
+@pytest.mark.parametrize("family, size", [("a2", 128), ("v3_r2v", 96)])
+def test_analytic_flops_match_cost_analysis(family, size):
   """On one layer (XLA counts a scanned loop body once) and a small grid, the analytic count is
-  XLA's count less the elementwise work it leaves out."""
-  cfg = configs.load("tiny", overrides=[
+  XLA's count less the elementwise work it leaves out; for V3 R2V with its 4 reference frames in
+  the tokens and no image branch."""
+  full = configs.load("tiny", overrides=[
       "transformer.num_layers=1", "transformer.num_attention_heads=2",
       "transformer.attention_head_dim=128", "transformer.ffn_dim=1024",
       "transformer.added_kv_proj_dim=256", "transformer.param_dtype=float32",
-      "transformer.dtype=float32", "transformer.attention=xla"]).transformer
-  video = flops.VideoShape(frames=9, height=128, width=128, batch=1, text_len=64, image_len=257)
+      "transformer.dtype=float32", "transformer.attention=xla",
+      *(V3_R2V if family == "v3_r2v" else [])])
+  cfg = full.transformer
+  video = aot.for_family(flops.VideoShape(frames=9, height=size, width=size, batch=1, text_len=64,
+                                          image_len=257), full)
+  assert flops.transformer_flops(cfg, video)["tokens"] <= attention.CPU_QUERY_CHUNK
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1), sharding.MESH_AXES)
   args = aot.transformer_args(cfg, mesh, video)
   compiled = jax.jit(aot.transformer_forward(cfg)).lower(*args).compile()
@@ -149,3 +161,22 @@ def test_int8_sampling_step_fits_v5e4():
   assert result["custom_calls"].get("tpu_custom_call", 0) >= 3, result["custom_calls"]
   assert 0 < result["peak_bytes"] < 16 * GIB
   check_flops(result)
+
+
+@pytest.mark.slow
+def test_v3_r2v_sampling_step_fits_v5p8():
+  """SkyReels-V3 R2V's sampling step at its release's size, 121×720×1280 (31 video + 4 reference
+  latent frames: 126,000 tokens), guidance 1 (one pass), splash attention, on a v5p-8 (4 chips)
+  with the tokens split over context 4 (measured 32.6 GiB per chip)."""
+  rc, result = run_aot("--target", "tpu:v5p:2x2x1", "--preset", "v3_r2v_14b", "--program",
+                       "sampling_step", "--mesh", "fsdp=1,context=4", "--attention", "splash",
+                       "--frames", "121", "--height", "720", "--width", "1280")
+  assert rc == 0, result
+  print("v5p-8 V3 R2V sampling step:", result)
+  assert result["tokens"] == (31 + 4) * 45 * 80 and result["branches"] == 1
+  assert result["custom_calls"].get("tpu_custom_call", 0) >= 2, result["custom_calls"]
+  assert 0 < result["peak_bytes"] < V5P_HBM
+  video = aot.for_family(flops.VideoShape(frames=121, height=720, width=1280, batch=1),
+                         configs.load("v3_r2v_14b"))
+  assert result["flops"] == pytest.approx(
+      flops.transformer_flops(configs.load("v3_r2v_14b").transformer, video)["total"])

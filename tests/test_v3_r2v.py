@@ -320,3 +320,24 @@ def test_clip_benchmark_refuses_a_v3_folder_in_one_line(release_v3, tmp_path, ca
   assert eval_cli.main(["bench", "--checkpoint", str(release_v3[1]), "--jobs", str(jobs)]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "no CLIP image encoder" in err, err
+
+
+def test_fast_paths_run_three_branches(pipe, images, tmp_path):
+  """The step caches at V3's 3 branches — MagCache calibrated on a V3 run (one curve column per
+  branch), TeaCache at threshold 0 equal to the exact path to float32 rounding (its split block
+  path fuses differently), the first-block cache in test_sample_py_runs_a_v3_folder… — and the
+  distill sampler at guidance 1."""
+  from a2jax import step_cache
+  base = sampling_of(pipe, guidance=5.0, image_guidance=3.0, steps=4)
+  noise = noise_for(base, 3)
+  run = lambda **changes: pipe(PROMPT, images[:2], noise=noise, progress=False,
+                               sampling=dataclasses.replace(base, **changes)).latents
+  exact = run()
+  assert rel_l2_err(run(cache="teacache", cache_threshold=0.0), exact) <= 1e-5
+  curve = pipe.calibrate(PROMPT, images[:2], sampling=base)
+  assert curve.shape == (4, 3)
+  path = tmp_path / "curve.json"
+  step_cache.write_calibration(path, curve, base)
+  for got in (run(cache="mag", cache_calibration=str(path)),
+              run(sampler="distill", guidance=1.0, image_guidance=1.0)):
+    assert got.shape == exact.shape and np.all(np.isfinite(got))
