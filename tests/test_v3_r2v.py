@@ -341,3 +341,35 @@ def test_fast_paths_run_three_branches(pipe, images, tmp_path):
   for got in (run(cache="mag", cache_calibration=str(path)),
               run(sampler="distill", guidance=1.0, image_guidance=1.0)):
     assert got.shape == exact.shape and np.all(np.isfinite(got))
+
+
+def test_two_processes_sample_v3_like_one(release_v3, pipe, tmp_path):
+  """sample.py over 2 processes × 4 devices (rows on the data axis across them) on a V3 folder:
+  process 0 writes each video once, with the latents and frames of each job run alone in one
+  process, to within the cross-topology guarantee (docs/sampling.md "What is reproducible")."""
+  import json
+  import multiprocess
+  from data_util import write_reference_pictures
+  from test_sample_batch import LATENT_RTOL, assert_frames_close, as_request
+  pictures = write_reference_pictures(tmp_path, 5)
+  jobs = {"a": {"prompt": "A man walks in the forest.", "refs": ["man.png"],
+                "background": "forest.png", "seed": 1},
+          "b": {"prompt": "A bear and a man.", "refs": ["bear.png", "man.png"], "seed": 2}}
+  with open(tmp_path / "jobs.jsonl", "w") as f:
+    for name, job in jobs.items():
+      f.write(json.dumps({**job, "out": f"{name}.mp4",
+                          "refs": [str(pictures / r) for r in job["refs"]],
+                          **({"background": str(pictures / job["background"])}
+                             if "background" in job else {})}) + "\n")
+  (tmp_path / "logs").mkdir()
+  finished = multiprocess.run(
+      ["sample.py", "--checkpoint", release_v3[1], "--jobs", tmp_path / "jobs.jsonl", "--batch",
+       "2", "--mesh", "data=2,fsdp=4", "--save-arrays", "--frames", "9", "--height", "32",
+       "--width", "48", "--steps", "2"], timeout=400, log_dir=tmp_path / "logs")
+  assert " wrote " not in finished[1].log
+  sampling = sampling_of(pipe, steps=2)
+  for name, job in jobs.items():
+    single = pipe.generate([as_request(job, pictures)], sampling=sampling, progress=False)
+    with np.load(tmp_path / f"{name}.npz") as saved:
+      assert rel_l2_err(saved["latents"], single.latents[0]) <= LATENT_RTOL, name
+      assert_frames_close(saved["frames"], single.frames[0])
