@@ -74,7 +74,7 @@ def parse_args(argv):
   p.add_argument("--width", type=int, help="multiple of 16 (A2: 832, V3 R2V: 1280)")
   p.add_argument("--resolution", choices=conditioning_v3.RESOLUTIONS, help="V3 R2V: the video "
                  "size from the first reference's aspect ratio at this area, as its release "
-                 "(instead of --height/--width)")
+                 "(default 720P unless --height/--width are given)")
   p.add_argument("--steps", type=int, help="denoising steps (A2: 50, V3 R2V: 8)")
   p.add_argument("--guidance", type=float, help="(text) guidance scale (A2: 5.0, V3 R2V: 1.0)")
   p.add_argument("--image-guidance", type=float, help="V3 R2V: reference guidance scale, used "
@@ -223,6 +223,15 @@ def sampling_config(args, base: configs.SamplingConfig, family) -> configs.Sampl
   return configs.build(configs.SamplingConfig, raw, "sampling")
 
 
+def size_rule(args, family) -> str | None:
+  """The resolution whose size rule sizes each job, or None for the sampling config's height and
+  width: --resolution, else the family's default (V3 R2V: 720P, as its release) unless --height or
+  --width is given."""
+  if args.resolution is not None or args.height or args.width:
+    return args.resolution
+  return family.default_resolution
+
+
 def video_size(job: Job, resolution: str | None, sampling: configs.SamplingConfig
                ) -> tuple[int, int]:
   """(height, width) of a job's video: with --resolution from its first reference, else the
@@ -297,7 +306,8 @@ def sample(argv) -> int:
   sampling = sampling_config(args, cfg.sampling, family)
   jobs = read_jobs(args)
   validate(jobs, sampling, family)
-  sizes = {id(job): video_size(job, args.resolution, sampling) for job in jobs}
+  resolution = size_rule(args, family)
+  sizes = {id(job): video_size(job, resolution, sampling) for job in jobs}
   import jax
   writer = jax.process_index() == 0  # the one process that writes files and shows progress
   loras = read_loras(args.lora, cfg.transformer, writer)

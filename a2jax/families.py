@@ -40,6 +40,7 @@ class A2:
   components = ("transformer", "vae", "clip", "umt5")
   uses_clip = True
   default_negative_prompt = A2_NEGATIVE_PROMPT
+  default_resolution = None  # sample.py: the config's height and width
 
   def check(self, sampling: SamplingConfig, num_refs: int) -> None:
     if sampling.image_guidance is not None:
@@ -112,6 +113,7 @@ class V3R2V:
   components = ("transformer", "vae", "umt5")
   uses_clip = False
   default_negative_prompt = ""  # what its generate_video passes
+  default_resolution = "720P"   # sample.py sizes each video as its generate_video does by default
 
   def check(self, sampling: SamplingConfig, num_refs: int) -> None:
     self.check_reference_count(num_refs, sampling.frames)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from a2jax import checkpoints, conditioning_v3, configs
+from a2jax import checkpoints, conditioning_v3, configs, families
 from a2jax.errors import ConfigError, InputError
 from a2jax.pipeline import A2Pipeline, video_to_uint8
 from convert_weights.reference import TorchV3R2V, fit_reference_like_release
@@ -217,6 +217,13 @@ def test_resolution_sizes_each_job_from_its_first_reference(tmp_path):
   assert sample.video_size(job("wide.png"), "480P", base) == (544, 736)
   assert sample.video_size(job("tall.png"), "480P", base) == (736, 544)
   assert sample.video_size(job("tall.png"), None, base) == (base.height, base.width)
+  # the rule: --resolution, else V3's default 720P unless --height / --width are given; A2: none
+  args = lambda *flags: sample.parse_args(["--checkpoint", "x", "--prompt", "p", *flags])
+  v3, a2 = families.FAMILIES["v3_r2v"], families.FAMILIES["a2"]
+  assert sample.size_rule(args(), v3) == "720P"
+  assert sample.size_rule(args("--resolution", "480P"), v3) == "480P"
+  assert sample.size_rule(args("--height", "32", "--width", "48"), v3) is None
+  assert sample.size_rule(args(), a2) is None
 
 
 @pytest.mark.parametrize("args, message", [
@@ -346,7 +353,8 @@ def test_fast_paths_run_three_branches(pipe, images, tmp_path):
 def test_two_processes_sample_v3_like_one(release_v3, pipe, tmp_path):
   """sample.py over 2 processes × 4 devices (rows on the data axis across them) on a V3 folder:
   process 0 writes each video once, with the latents and frames of each job run alone in one
-  process, to within the cross-topology guarantee (docs/sampling.md "What is reproducible")."""
+  process, to within the cross-topology guarantee (docs/sampling.md "Many videos at once": what is
+  reproducible)."""
   import json
   import multiprocess
   from data_util import write_reference_pictures
