@@ -1,5 +1,6 @@
 """Test setup: CPU backend with 8 simulated devices, fixed threads, shared fixtures."""
 
+import gc
 import os
 import shutil
 import tempfile
@@ -31,6 +32,15 @@ jax.config.update("jax_enable_compilation_cache", False)
 
 def pytest_sessionfinish(session, exitstatus):
   shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Each module's compiled programs are freed when it ends (after its own fixtures): one pytest
+  process runs the whole suite, and every module's executables would otherwise stay in memory."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 
