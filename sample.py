@@ -209,9 +209,10 @@ def batches(jobs: list[Job], size: int, key=num_refs) -> list[list[Job]]:
 
 
 def sampling_config(args, base: configs.SamplingConfig, family) -> configs.SamplingConfig:
-  if args.resolution is not None and (family.name != "v3_r2v" or args.height or args.width):
+  has_size_rule = family.default_resolution is not None
+  if args.resolution is not None and (not has_size_rule or args.height or args.width):
     raise InputError("--resolution is SkyReels-V3 R2V's size rule and replaces --height/--width"
-                     if family.name == "v3_r2v" else "--resolution is a SkyReels-V3 R2V option: "
+                     if has_size_rule else "--resolution is a SkyReels-V3 R2V option: "
                      "give an A2 folder --height and --width")
   if args.image_guidance is not None and family.name != "v3_r2v":
     raise InputError("--image-guidance is a SkyReels-V3 R2V option; an A2 folder has one "

@@ -16,7 +16,7 @@ import json
 import pathlib
 import shutil
 
-from a2jax import checkpoints, configs
+from a2jax import checkpoints, configs, families
 from a2jax.errors import ConversionError
 from convert_weights import common
 from convert_weights.component import component_config, component_module, convert_component
@@ -49,18 +49,12 @@ def check_compatible(cfg: configs.Config) -> None:
   problems = []
   if t.text_dim != cfg.umt5.d_model:
     problems.append(f"transformer.text_dim {t.text_dim} ≠ text encoder width {cfg.umt5.d_model}")
-  if cfg.family == "a2":
-    if t.image_dim != cfg.clip.hidden_size:
-      problems.append(f"transformer.image_dim {t.image_dim} ≠ CLIP width {cfg.clip.hidden_size}")
-    if t.in_channels != 2 * cfg.vae.z_dim + 4:
-      problems.append(f"transformer.in_channels {t.in_channels} ≠ 2·z_dim + 4 = "
-                      f"{2 * cfg.vae.z_dim + 4}")
-  else:
-    if t.image_dim is not None:
-      problems.append(f"a SkyReels-V3 R2V transformer has no image branch, this one has image_dim "
-                      f"{t.image_dim}")
-    if t.in_channels != cfg.vae.z_dim:
-      problems.append(f"transformer.in_channels {t.in_channels} ≠ VAE z_dim {cfg.vae.z_dim}")
+  family, z = families.of(cfg), cfg.vae.z_dim
+  if family.uses_clip and t.image_dim != cfg.clip.hidden_size:
+    problems.append(f"transformer.image_dim {t.image_dim} ≠ CLIP width {cfg.clip.hidden_size}")
+  if t.in_channels != family.in_channels(z):
+    problems.append(f"transformer.in_channels {t.in_channels} ≠ {family.in_channels(z)}, the "
+                    f"{family.name} layout for VAE z_dim {z}")
   if t.out_channels != cfg.vae.z_dim:
     problems.append(f"transformer.out_channels {t.out_channels} ≠ VAE z_dim {cfg.vae.z_dim}")
   if problems:

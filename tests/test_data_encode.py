@@ -38,19 +38,24 @@ def random_params(boxed, seed: int):
   return jax.tree.unflatten(tree, out)
 
 
+def write_encoder_folder(folder, cfg, modules):
+  """An encoder folder: `cfg`, random weights of {component: model module} (seeded by position),
+  the tiny tokenizer."""
+  folder.mkdir()
+  checkpoints.write_config(folder, cfg)
+  for i, (name, module) in enumerate(modules.items()):
+    boxed = module.init_abstract_boxed(getattr(cfg, name))
+    checkpoints.save_params(folder / name, random_params(boxed, i))
+  build_tiny_tokenizer(folder / "tokenizer", cfg.umt5.vocab_size)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("encode")
   triplets.build(make_source(root / "src"), root / "data", min_frames=9, verbose=False)
   folder = root / "ckpt"
-  folder.mkdir()
-  cfg = configs.load("tiny", overrides=OVERRIDES)
-  checkpoints.write_config(folder, cfg)
-  for i, (name, module) in enumerate((("vae", vae_model), ("clip", clip_model),
-                                      ("umt5", umt5_model))):
-    boxed = module.init_abstract_boxed(getattr(cfg, name))
-    checkpoints.save_params(folder / name, random_params(boxed, i))
-  build_tiny_tokenizer(folder / "tokenizer", cfg.umt5.vocab_size)
+  write_encoder_folder(folder, configs.load("tiny", overrides=OVERRIDES),
+                       {"vae": vae_model, "clip": clip_model, "umt5": umt5_model})
   (folder / "image_processor").mkdir()
   (folder / "image_processor" / "preprocessor_config.json").write_text(json.dumps(CLIP))
   return root, encode.Encoder.from_folder(folder)

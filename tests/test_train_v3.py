@@ -20,11 +20,10 @@ from a2jax.models.transformer import A2Transformer
 from a2jax.train import batches, optimizer
 from a2jax.train.loss import flow_matching_loss
 from data_util import make_source
-from test_data_encode import OVERRIDES as ENCODE_OVERRIDES, random_params
+from test_data_encode import OVERRIDES as ENCODE_OVERRIDES, write_encoder_folder
 from test_train_run import (STEPS, env, flat, read_metrics, read_state, run,  # noqa: F401
                             run_args, write_driver)
 from test_train_step import OVERRIDES as STEP_OVERRIDES, first_step_on_one_device, overfit
-from tokenizer_util import build_tiny_tokenizer
 
 import multiprocess
 
@@ -39,12 +38,8 @@ def v3_folder(tmp_path_factory):
   root = tmp_path_factory.mktemp("encode_v3")
   triplets.build(make_source(root / "src"), root / "data", min_frames=9, verbose=False)
   folder = root / "ckpt"
-  folder.mkdir()
-  cfg = configs.load("tiny", overrides=[*V3_OVERRIDES, *ENCODE_OVERRIDES])
-  checkpoints.write_config(folder, cfg)
-  for i, (name, module) in enumerate((("vae", vae_model), ("umt5", umt5_model))):
-    checkpoints.save_params(folder / name, random_params(module.init_abstract_boxed(getattr(cfg, name)), i))
-  build_tiny_tokenizer(folder / "tokenizer", cfg.umt5.vocab_size)
+  write_encoder_folder(folder, configs.load("tiny", overrides=[*V3_OVERRIDES, *ENCODE_OVERRIDES]),
+                       {"vae": vae_model, "umt5": umt5_model})
   return root, folder
 
 
