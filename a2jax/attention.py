@@ -27,30 +27,53 @@ CPU_QUERY_CHUNK = 256  # query rows per step of the CPU form of `xla` (see _xla_
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "xla",
               bias: jax.Array | None = None, kv_mask: jax.Array | None = None,
-              scale: float | None = None) -> jax.Array:
+              scale: float | None = None, causal_block: int | None = None) -> jax.Array:
   """Scaled dot-product attention, q (B, S, H, D), k/v (B, L, H, D) → (B, S, H, D).
 
   bias: float (B|1, H, S, L) added to the logits (umT5's relative positions); kv_mask: bool (B, L),
   False keys are ignored. scale defaults to 1/√D. On a mesh with `context` > 1, the token-sharded
   inputs are re-sharded to head-sharded (Ulysses: one all-to-all each way).
+
+  causal_block: block-causal self-attention (diffusion forcing): the S = L tokens form blocks of
+  `causal_block` tokens and a query sees the keys of its own block and of every earlier block.
+  Query block i runs the backend on the key prefix of blocks 0..i, so no backend ever sees a mask,
+  none is materialised, and the masked half of the logits is never computed.
   """
   if backend not in BACKENDS:
     raise InputError(f"attention backend {backend!r} is not one of {list(BACKENDS)}")
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   ulysses = ("batch", "attn_tokens", "attn_heads", "act_kv")
   q, k, v = (sharding.constrain(x, ulysses) for x in (q, k, v))
+  run = functools.partial(_backend, backend=backend, scale=scale)
+  if causal_block is None or causal_block >= q.shape[1]:
+    out = run(q, k, v, bias, kv_mask)
+  else:
+    if q.shape[1] != k.shape[1] or q.shape[1] % causal_block:
+      raise InputError(f"block-causal attention needs as many queries as keys in whole blocks: "
+                       f"{q.shape[1]} queries, {k.shape[1]} keys, blocks of {causal_block}")
+    # Each slice is along the token axis, which is whole on every device inside attention.
+    blocks = []
+    for end in range(causal_block, q.shape[1] + 1, causal_block):
+      rows = slice(end - causal_block, end)
+      blocks.append(run(q[:, rows], k[:, :end], v[:, :end],
+                        None if bias is None else bias[:, :, rows, :end],
+                        None if kv_mask is None else kv_mask[:, :end]))
+    out = jnp.concatenate(blocks, axis=1)
+  return sharding.constrain(out, ulysses)
+
+
+def _backend(q, k, v, bias, kv_mask, *, backend, scale):
+  """One unmasked-by-position call of `backend`: q (B, S, H, D), k/v (B, L, H, D) → q's shape."""
   if backend == "splash":
     if bias is not None or kv_mask is not None:
       raise InputError("the splash backend takes no bias or key mask here: use attention='xla'")
-    out = _splash(q, k, v, scale)
-  elif backend == "cudnn":
+    return _splash(q, k, v, scale)
+  if backend == "cudnn":
     if bias is not None:
       raise InputError("the cudnn backend takes no logit bias here: use attention='xla'")
     mask = None if kv_mask is None else kv_mask[:, None, None, :]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-  else:
-    out = _xla(q, k, v, scale, bias, kv_mask)
-  return sharding.constrain(out, ulysses)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+  return _xla(q, k, v, scale, bias, kv_mask)
 
 
 def _xla(q, k, v, scale, bias, kv_mask):

@@ -111,6 +111,10 @@ class TransformerConfig(ComponentConfig):
   added_kv_proj_dim: int | None = None
   rope_max_seq_len: int = 1024
   pos_embed_seq_len: int | None = None
+  # SkyReels-V2's `SkyReelsV2Transformer3DModel` (diffusion forcing): the fps embedding, and
+  # block-causal self-attention over blocks of this many latent frames (1: full attention).
+  inject_sample_info: bool = False
+  num_frame_per_block: int = 1
   # a2jax
   param_dtype: str = "float32"
   dtype: str = "float32"
@@ -135,7 +139,8 @@ class TransformerConfig(ComponentConfig):
     check_positive(name, num_attention_heads=self.num_attention_heads,
                    attention_head_dim=self.attention_head_dim, num_layers=self.num_layers,
                    ffn_dim=self.ffn_dim, in_channels=self.in_channels,
-                   out_channels=self.out_channels, text_dim=self.text_dim)
+                   out_channels=self.out_channels, text_dim=self.text_dim,
+                   num_frame_per_block=self.num_frame_per_block)
     if len(self.patch_size) != 3 or min(self.patch_size) <= 0:
       raise ConfigError(f"{name}.patch_size = {self.patch_size} must be three positive ints (t, h, w)")
     if self.freq_dim % 2:

@@ -26,6 +26,8 @@ MODULE_RENAMES = common.sorted_renames({
     "blocks.ffn.net_2": "blocks.ffn.net.2",
     "condition_embedder.image_embedder.ff.net_0": "condition_embedder.image_embedder.ff.net.0.proj",
     "condition_embedder.image_embedder.ff.net_2": "condition_embedder.image_embedder.ff.net.2",
+    "fps_projection.net_0": "fps_projection.net.0.proj",
+    "fps_projection.net_2": "fps_projection.net.2",
 })
 
 # Original Wan2.1 name (regex, full match) -> diffusers name.
@@ -106,9 +108,21 @@ A2JAX_FIELDS = ("param_dtype", "dtype", "remat", "attention", "weights")
 CONFIG_HEADER = {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.42.1"}
 
 
+# SkyReels-V2's diffusion-forcing fields: a config that uses them is a `SkyReelsV2Transformer3DModel`.
+SKYREELS_V2_FIELDS = ("inject_sample_info", "num_frame_per_block")
+SKYREELS_V2_HEADER = {"_class_name": "SkyReelsV2Transformer3DModel", "_diffusers_version": "0.42.1"}
+
+
+def is_skyreels_v2(cfg: TransformerConfig) -> bool:
+  return cfg.inject_sample_info or cfg.num_frame_per_block > 1
+
+
 def reference_config(cfg: TransformerConfig) -> dict:
-  """diffusers' `config.json` of this config (what `WanTransformer3DModel.from_pretrained` reads)."""
-  return common.reference_config(cfg, A2JAX_FIELDS, CONFIG_HEADER)
+  """diffusers' `config.json` of this config (what `WanTransformer3DModel.from_pretrained` reads,
+  or `SkyReelsV2Transformer3DModel`'s for a diffusion-forcing config)."""
+  if is_skyreels_v2(cfg):
+    return common.reference_config(cfg, A2JAX_FIELDS, SKYREELS_V2_HEADER)
+  return common.reference_config(cfg, A2JAX_FIELDS + SKYREELS_V2_FIELDS, CONFIG_HEADER)
 
 
 def plan(state_dict: common.LazyStateDict, cfg: TransformerConfig):

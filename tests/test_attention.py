@@ -74,3 +74,21 @@ def test_xla_bfloat16_and_chunked_gradient():
   for got, want in zip(jax.jit(lambda: loss(attention._xla_cpu))(),
                        jax.jit(lambda: loss(attention._xla_plain))()):
     assert np.abs(got - want).max() <= F32_TOL * np.abs(want).max()
+
+
+@pytest.mark.parametrize("block,with_mask", [(50, False), (100, True), (300, False)])
+def test_block_causal_matches_sdpa_with_a_dense_block_mask(block, with_mask):
+  """Diffusion forcing's block-causal self-attention: query block i sees key blocks 0..i. The
+  dispatch runs each query block on its key prefix; the reference masks the full logits."""
+  q, k, v, _, kv_mask = inputs(300, 300, False, with_mask, seed=2)
+  blocks = np.arange(300) // block
+  allowed = blocks[None, :] <= blocks[:, None]  # (S, L)
+  mask = np.where(allowed, 0.0, -np.inf).astype(np.float32)[None, None]
+  want = reference(q, k, v, np.broadcast_to(mask, (1, 3, 300, 300)).copy(), kv_mask)
+  run = jax.jit(lambda *a: attention.attention(*a, kv_mask=kv_mask, causal_block=block))
+  got = np.asarray(run(q, k, v))
+  assert np.abs(got - want).max() / np.abs(want).max() <= F32_TOL
+  if block < 300:  # a later block's values change nothing before it
+    v2 = v.copy()
+    v2[:, block:] += 1.0
+    np.testing.assert_array_equal(np.asarray(run(q, k, v2))[:, :block], got[:, :block])

@@ -11,7 +11,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import transformers
-from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
+from diffusers import (AutoencoderKLWan, SkyReelsV2Transformer3DModel, WanImageToVideoPipeline,
+                       WanTransformer3DModel)
 
 from a2jax import checkpoints, configs
 from convert_weights import cli, common, component, export, release as release_mod, tiny_release
@@ -74,8 +75,11 @@ def test_exported_configs_read_back_equal(exported, sub):
 
 def reference_config_keys(sub) -> set[str]:
   cls = SUBFOLDER_CLASSES[sub]
-  if sub in ("transformer", "vae"):
-    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+  init_keys = lambda c: set(inspect.signature(c.__init__).parameters) - {"self"}
+  if sub == "transformer":  # the A2/V3 DiT, or SkyReels-V2's diffusion-forcing one
+    return init_keys(cls) | init_keys(SkyReelsV2Transformer3DModel)
+  if sub == "vae":
+    return init_keys(cls)
   return set(cls.config_class().to_dict())
 
 

@@ -7,6 +7,11 @@ parameters with a leading "layers" axis, rematerialised by the config's policy.
 
 Shapes: B batch, f/h/w latent frames/height/width, S = f·(h/2)·(w/2) video tokens, D = heads·head_dim,
 T text tokens (512 for the release), I image tokens (257 per reference).
+
+Diffusion forcing (SkyReels-V2's `SkyReelsV2Transformer3DModel`) is the same network with three
+options: timesteps per latent frame (B, f), whose time embedding and modulation apply to that
+frame's tokens; block-causal self-attention over `num_frame_per_block` frames; and the fps
+embedding (`inject_sample_info`).
 """
 
 from __future__ import annotations
@@ -50,6 +55,12 @@ def rope_table(cfg: TransformerConfig, grid: tuple[int, int, int]) -> tuple[np.n
   return np.cos(table).astype(np.float32), np.sin(table).astype(np.float32)
 
 
+def frames_to_tokens(v: jax.Array, tokens: int) -> jax.Array:
+  """A per-frame vector v (B, F, D) as a per-token one: (B, 1, D) when F = 1 (one value for every
+  token), else (B, S, D) with frame i's value on its S/F tokens (tokens are frame-major)."""
+  return v if v.shape[1] == 1 else jnp.repeat(v, tokens // v.shape[1], axis=1)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """Rotates interleaved pairs (x[2i], x[2i+1]) of x (B, S, H, Dh) by the angles of (S, Dh/2)."""
   pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
@@ -64,7 +75,7 @@ class FeedForward(nn.Module):
 
   hidden: int
   out: int
-  activation: str  # "gelu_tanh" | "gelu"
+  activation: str  # "gelu_tanh" | "gelu" | "silu"
   axes: tuple[str, str]  # logical (in/out, hidden) names
   dtype: jnp.dtype
   param_dtype: jnp.dtype
@@ -72,7 +83,7 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x):
     dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-    act = gelu_tanh if self.activation == "gelu_tanh" else gelu_exact
+    act = {"gelu_tanh": gelu_tanh, "gelu": gelu_exact, "silu": nn.silu}[self.activation]
     y = act(dense(self.hidden, axes=self.axes, name="net_0")(x))
     y = sharding.constrain(y, ("batch", "tokens", "act_mlp"))
     return dense(self.out, axes=self.axes[::-1], name="net_2")(y)
@@ -87,8 +98,9 @@ class Attention(nn.Module):
   image_branch: bool = False
 
   @nn.compact
-  def __call__(self, x, context, rope=None, image=None):
-    """x (B, S, D); context (B, L, D) (x itself for self-attention); image (B, I, D) → (B, S, D)."""
+  def __call__(self, x, context, rope=None, image=None, causal_block=None):
+    """x (B, S, D); context (B, L, D) (x itself for self-attention); image (B, I, D) → (B, S, D).
+    causal_block: block-causal self-attention over blocks of that many tokens."""
     cfg = self.cfg
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     dense = functools.partial(Dense, dtype=dtype, param_dtype=pdtype)
@@ -101,7 +113,7 @@ class Attention(nn.Module):
     v = split(dense(d, axes=("embed", "heads"), name="to_v")(context))
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = attention(q, k, v, backend=cfg.attention)
+    out = attention(q, k, v, backend=cfg.attention, causal_block=causal_block)
     if self.image_branch:
       k_img = split(norm(name="norm_added_k")(
           dense(d, axes=("embed", "heads"), name="add_k_proj")(image)))
@@ -119,7 +131,8 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, inputs):
     """x (B, S, D) in compute dtype; inputs = (text (B, T, D), image (B, I, D) | None,
-    time_mod (B, 6, D) float32, rope (cos, sin)). Returns (x, None) for `nn.scan`."""
+    time_mod float32 (B, 6, D) or per latent frame (B, f, 6, D), rope (cos, sin)).
+    Returns (x, None) for `nn.scan`."""
     text, image, time_mod, rope = inputs
     cfg = self.cfg
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
@@ -127,12 +140,17 @@ class Block(nn.Module):
     table = self.param("scale_shift_table",
                        partitioned(lambda key, shape, dt: jax.random.normal(key, shape, dt) / d**0.5,
                                    (None, None, "embed")), (1, 6, d), pdtype)
-    mod = table.astype(jnp.float32) + time_mod
-    shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (mod[:, i:i + 1] for i in range(6))
+    per_frame = time_mod if time_mod.ndim == 4 else time_mod[:, None]  # (B, f | 1, 6, D)
+    mod = table.astype(jnp.float32)[:, None] + per_frame
+    shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (
+        frames_to_tokens(mod[:, :, i], x.shape[1]) for i in range(6))
+    causal_block = None
+    if cfg.num_frame_per_block > 1:  # the model's embed makes time_mod per frame then
+      causal_block = cfg.num_frame_per_block * (x.shape[1] // per_frame.shape[1])
 
     plain_norm = functools.partial(LayerNorm, eps=cfg.eps, use_affine=False, dtype=jnp.float32)
     h = (plain_norm()(x) * (1 + scale_msa) + shift_msa).astype(dtype)
-    attn = Attention(cfg, name="attn1")(h, h, rope=rope)
+    attn = Attention(cfg, name="attn1")(h, h, rope=rope, causal_block=causal_block)
     x = (x.astype(jnp.float32) + attn.astype(jnp.float32) * gate_msa).astype(dtype)
     x = sharding.constrain(x, ("batch", "tokens", "act_embed"))
 
@@ -186,20 +204,21 @@ class ConditionEmbedder(nn.Module):
 
   @nn.compact
   def __call__(self, t, text, image):
-    """t (B,) timesteps; text (B, T, text_dim); image (B, I, image_dim) | None →
-    temb (B, D) f32, time_mod (B, 6, D) f32, text (B, T, D), image (B, I, D) | None."""
+    """t (B,) timesteps, or (B, f) per latent frame; text (B, T, text_dim); image (B, I, image_dim)
+    | None → temb t.shape + (D,) f32, time_mod t.shape + (6, D) f32, text (B, T, D), image
+    (B, I, D) | None."""
     cfg = self.cfg
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     d = cfg.inner_dim
     # The time path stays float32: the release keeps the modulation in float32.
     temb = TwoLayerMLP(d, "silu", jnp.float32, pdtype, name="time_embedder")(
-        timestep_embedding(t, cfg.freq_dim))
+        timestep_embedding(t.reshape(-1), cfg.freq_dim))
     time_mod = Dense(6 * d, axes=("embed", "mlp"), dtype=jnp.float32, param_dtype=pdtype,
                      name="time_proj")(nn.silu(temb))
     text = TwoLayerMLP(d, "gelu_tanh", dtype, pdtype, name="text_embedder")(text)
     if image is not None:
       image = ImageEmbedder(cfg, name="image_embedder")(image)
-    return temb, time_mod.reshape(-1, 6, d), text, image
+    return temb.reshape(*t.shape, d), time_mod.reshape(*t.shape, 6, d), text, image
 
 
 class PatchEmbedding(nn.Module):
@@ -279,20 +298,35 @@ class A2Transformer(nn.Module):
     self.proj_out = Dense(cfg.out_channels * pt * ph * pw, axes=("embed", None),
                           dtype=dtype_of(cfg.dtype), param_dtype=pdtype)
     self.norm_out = LayerNorm(eps=cfg.eps, use_affine=False, dtype=jnp.float32)  # no params
+    if cfg.inject_sample_info:
+      # SkyReels-V2's frame-rate class (0: 16 fps, 1: any other) → a six-way modulation added to
+      # every frame's; diffusers' FeedForward(D, 6D, mult=1, "linear-silu") is Linear·SiLU·Linear.
+      self.fps_embedding = nn.Embed(2, d, param_dtype=pdtype, embedding_init=partitioned(
+          nn.initializers.normal(1.0), (None, "embed")))
+      self.fps_projection = FeedForward(d, 6 * d, "silu", ("embed", "mlp"), jnp.float32, pdtype)
 
-  def __call__(self, x, t, text, image=None):
-    tokens, temb, block_inputs = self.embed(x, t, text, image)
+  def __call__(self, x, t, text, image=None, fps_index=None):
+    tokens, temb, block_inputs = self.embed(x, t, text, image, fps_index)
     return self.head(self.run_blocks(tokens, block_inputs), temb, x.shape)
 
-  def embed(self, x, t, text, image=None):
-    """→ tokens (B, S, D), temb (B, D) float32, block_inputs (text (B, T, D), image (B, I, D) |
-    None, time_mod (B, 6, D) float32, rope (cos, sin) each (S, head_dim/2))."""
-    self._check_inputs(x, t, text, image)
+  def embed(self, x, t, text, image=None, fps_index=None):
+    """→ tokens (B, S, D), temb float32 (B, D) or (B, f, D), block_inputs (text (B, T, D), image
+    (B, I, D) | None, time_mod float32 (B, 6, D) or (B, f, 6, D), rope (cos, sin) each
+    (S, head_dim/2)). Per-frame t (B, f) gives per-frame temb and time_mod; so does block-causal
+    attention (num_frame_per_block > 1), which needs the frame count. fps_index (B,) int: the
+    frame-rate class of an `inject_sample_info` model."""
+    self._check_inputs(x, t, text, image, fps_index)
     pt, ph, pw = self.cfg.patch_size
     grid = (x.shape[1] // pt, x.shape[2] // ph, x.shape[3] // pw)
     tokens = self.patch_embedding(x)
     tokens = sharding.constrain(tokens, ("batch", "tokens", "act_embed"))
+    if t.ndim == 1 and self.cfg.num_frame_per_block > 1:
+      t = jnp.broadcast_to(t[:, None], (t.shape[0], grid[0]))
     temb, time_mod, text, image = self.condition_embedder(t, text, image)
+    if self.cfg.inject_sample_info:
+      fps_mod = self.fps_projection(self.fps_embedding(fps_index[:, None]).astype(jnp.float32))
+      fps_mod = fps_mod.reshape(-1, 6, self.cfg.inner_dim)  # (B, 1, 6D) → (B, 6, D)
+      time_mod = time_mod + (fps_mod if t.ndim == 1 else fps_mod[:, None])
     text = sharding.constrain(text, ("batch", "context_tokens", "act_embed"))
     cos, sin = rope_table(self.cfg, grid)
     return tokens, temb, (text, image, time_mod, (jnp.asarray(cos), jnp.asarray(sin)))
@@ -302,21 +336,22 @@ class A2Transformer(nn.Module):
     return self.blocks(tokens, block_inputs)[0]
 
   def head(self, tokens, temb, x_shape):
-    """Output norm, modulation and projection: tokens (B, S, D), temb (B, D) → velocity
-    (B, f, h, w, out_channels) for inputs of shape `x_shape` (B, f, h, w, ·)."""
+    """Output norm, modulation and projection: tokens (B, S, D), temb (B, D) or per frame
+    (B, f, D) → velocity (B, f, h, w, out_channels) for inputs of shape `x_shape` (B, f, h, w, ·)."""
     cfg = self.cfg
     b, f, hh, ww = x_shape[:4]
     pt, ph, pw = cfg.patch_size
     grid = (f // pt, hh // ph, ww // pw)
-    shift, scale = jnp.split(self.scale_shift_table.astype(jnp.float32) + temb[:, None, :], 2,
-                             axis=1)
+    per_frame = temb if temb.ndim == 3 else temb[:, None]  # (B, f | 1, D)
+    mod = self.scale_shift_table.astype(jnp.float32)[:, :, None] + per_frame[:, None]
+    shift, scale = (frames_to_tokens(mod[:, i], tokens.shape[1]) for i in range(2))
     h = self.norm_out(tokens)
     h = (h * (1 + scale) + shift).astype(dtype_of(cfg.dtype))
     out = self.proj_out(h).reshape(b, *grid, pt, ph, pw, cfg.out_channels)
     out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, hh, ww, cfg.out_channels)
     return sharding.constrain(out, ("batch", "frames", "height", "width", "channels"))
 
-  def _check_inputs(self, x, t, text, image):
+  def _check_inputs(self, x, t, text, image, fps_index):
     cfg = self.cfg
     if x.ndim != 5 or x.shape[-1] != cfg.in_channels:
       raise InputError(f"latents have shape {x.shape}; expected (B, f, h, w, {cfg.in_channels})")
@@ -324,8 +359,18 @@ class A2Transformer(nn.Module):
     if x.shape[1] % pt or x.shape[2] % ph or x.shape[3] % pw:
       raise InputError(f"latent grid {x.shape[1:4]} is not divisible by patch {cfg.patch_size}: "
                        "use frames = 4k+1 and H, W multiples of 16")
-    if t.shape != (x.shape[0],):
-      raise InputError(f"timesteps have shape {t.shape}; expected ({x.shape[0]},)")
+    frames = x.shape[1] // pt
+    if t.shape not in ((x.shape[0],), (x.shape[0], frames)):
+      raise InputError(f"timesteps have shape {t.shape}; expected ({x.shape[0]},) or one per "
+                       f"latent frame ({x.shape[0]}, {frames})")
+    if frames % cfg.num_frame_per_block:
+      raise InputError(f"{frames} latent frames do not split into causal blocks of "
+                       f"{cfg.num_frame_per_block}: use a multiple of it")
+    if cfg.inject_sample_info != (fps_index is not None):
+      raise InputError("fps_index (B,) is required by a model with inject_sample_info (0: 16 fps, "
+                       "1: other) and refused otherwise")
+    if fps_index is not None and fps_index.shape != (x.shape[0],):
+      raise InputError(f"fps_index has shape {fps_index.shape}; expected ({x.shape[0]},)")
     if text.ndim != 3 or text.shape[0] != x.shape[0] or text.shape[-1] != cfg.text_dim:
       raise InputError(f"text states have shape {text.shape}; expected (B, T, {cfg.text_dim})")
     if (image is None) != (cfg.image_dim is None):
@@ -336,18 +381,26 @@ class A2Transformer(nn.Module):
       raise InputError(f"image tokens have shape {image.shape}; expected (B, 257·N, {cfg.image_dim})")
 
 
-def init_abstract_boxed(cfg: TransformerConfig, batch: int = 1, grid=(1, 2, 2), text_len: int = 1,
+def example_inputs(cfg: TransformerConfig, make, batch: int = 1, frames: int | None = None,
+                   text_len: int = 1, image_len: int = 1) -> tuple:
+  """The smallest inputs `A2Transformer` accepts (x, t, text, image, fps_index), each built as
+  make(shape, dtype) (zeros, or ShapeDtypeStruct for eval_shape): 2×2 patches of `frames` latent
+  frames (default: one causal block)."""
+  pt, ph, pw = cfg.patch_size
+  frames = cfg.num_frame_per_block if frames is None else frames
+  return (make((batch, frames * pt, 2 * ph, 2 * pw, cfg.in_channels), jnp.float32),
+          make((batch,), jnp.float32),
+          make((batch, text_len, cfg.text_dim), jnp.float32),
+          None if cfg.image_dim is None else make((batch, image_len, cfg.image_dim), jnp.float32),
+          make((batch,), jnp.int32) if cfg.inject_sample_info else None)
+
+
+def init_abstract_boxed(cfg: TransformerConfig, batch: int = 1, text_len: int = 1,
                         image_len: int = 1):
   """eval_shape of init (logical boxes kept): the parameter tree without memory."""
   model = A2Transformer(cfg)
-  pt, ph, pw = cfg.patch_size
-  x = jax.ShapeDtypeStruct((batch, grid[0] * pt, grid[1] * ph, grid[2] * pw, cfg.in_channels),
-                           jnp.float32)
-  t = jax.ShapeDtypeStruct((batch,), jnp.float32)
-  text = jax.ShapeDtypeStruct((batch, text_len, cfg.text_dim), jnp.float32)
-  image = (None if cfg.image_dim is None
-           else jax.ShapeDtypeStruct((batch, image_len, cfg.image_dim), jnp.float32))
-  return jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), x, t, text, image)["params"]
+  inputs = example_inputs(cfg, jax.ShapeDtypeStruct, batch, text_len=text_len, image_len=image_len)
+  return jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), *inputs)["params"]
 
 
 def init_params(cfg: TransformerConfig, key: jax.Array, mesh=None):
@@ -355,9 +408,6 @@ def init_params(cfg: TransformerConfig, key: jax.Array, mesh=None):
   model = A2Transformer(cfg)
   boxed = init_abstract_boxed(cfg)
   abstract, shardings = sharding.unboxed_shardings(boxed, mesh) if mesh else (nn.meta.unbox(boxed), None)
-  pt, ph, pw = cfg.patch_size
-  x = jnp.zeros((1, pt, ph, pw, cfg.in_channels))
-  text = jnp.zeros((1, 1, cfg.text_dim))
-  image = None if cfg.image_dim is None else jnp.zeros((1, 1, cfg.image_dim))
-  init = lambda k: nn.meta.unbox(model.init(k, x, jnp.zeros((1,)), text, image)["params"])
+  inputs = example_inputs(cfg, jnp.zeros)
+  init = lambda k: nn.meta.unbox(model.init(k, *inputs)["params"])
   return jax.jit(init, out_shardings=shardings)(key)
