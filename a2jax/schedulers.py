@@ -291,6 +291,10 @@ class UniPC(_Schedule):
                     for i, on in enumerate(use_corrector)])
     return pred, corr, use_corrector
 
+  def corrector_on(self) -> np.ndarray:
+    """(S,) bool: whether step i starts with the corrector (never step 0)."""
+    return self._tables[2]
+
   def init(self, sample: jax.Array, keys: jax.Array | None = None) -> UniPCState:
     """The state before step 0, for samples shaped like `sample` (*X); `keys` unused."""
     del keys  # deterministic
