@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import pathlib
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -442,6 +442,33 @@ class A2Pipeline:
     decode = lambda p, z: vae.apply({"params": p}, denormalize_latents(z, self.cfg.vae),
                                     method=vae.decode)
     return self._run("vae_decode", decode, self.params["vae"], latents)
+
+  def decode_stream(self, latents: np.ndarray | jax.Array) -> Iterator[np.ndarray]:
+    """Normalised latents (B, f, h, w, z) → the video as uint8 chunks (B, 1 then 4 frames, H, W, 3)
+    on the host, one latent frame at a time: the decoder's cache has a fixed size, so device
+    memory is that of one chunk, and the host holds one chunk of frames, whatever the length
+    (`video.write_mp4` takes the chunks as they come). Equal to `decode` up to float rounding;
+    untiled (VAE tiling applies to whole-video `decode`)."""
+    vae, vae_cfg, params = WanVAE(self.cfg.vae), self.cfg.vae, self.params["vae"]
+
+    def first(p, z):
+      out, cache = vae.apply({"params": p}, denormalize_latents(z, vae_cfg), method=vae.decode_first)
+      return to_uint8(out), cache
+
+    def later(p, cache, z):
+      out, cache = vae.apply({"params": p}, cache, denormalize_latents(z, vae_cfg),
+                             method=vae.decode_next)
+      return to_uint8(out), cache
+
+    frames, cache = self._run("vae_stream_first", first, params, latents[:, :1])
+    yield fetch(frames)
+    key = ("vae_stream_next", tuple(latents[:, :1].shape), str(latents.dtype))  # any length
+    if key not in self._programs:
+      self._programs[key] = jax.jit(later, donate_argnums=1)
+    for i in range(1, latents.shape[1]):
+      with self._mesh_context():
+        frames, cache = self._programs[key](params, cache, *self._place((latents[:, i:i + 1],)))
+      yield fetch(frames)
 
   def generate(self, requests: Sequence[Request], *, sampling: SamplingConfig | None = None,
                noise: np.ndarray | None = None,

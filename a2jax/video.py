@@ -10,11 +10,12 @@ temporary file (mp4 keeps its index at either end; a pipe cannot seek).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import pathlib
 import tempfile
 import warnings
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -46,17 +47,27 @@ def _atomic(path: pathlib.Path, suffix: str) -> Iterator[pathlib.Path]:
       tmp.unlink()
 
 
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int) -> pathlib.Path:
-  """Writes uint8 frames (F, H, W, 3) as H.264 mp4. The file appears only when complete (written
-  under a temporary name, then renamed), and equal frames give equal bytes (bit-exact flags, no
-  metadata)."""
+def _check_frames(frames: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+  frames = np.asarray(frames)
+  if (frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames)
+      or (size is not None and frames.shape[1:3] != size)):
+    want = "(F ≥ 1, H, W, 3)" if size is None else f"(F ≥ 1, {size[0]}, {size[1]}, 3) like the first"
+    raise InputError(f"frames of shape {frames.shape} and dtype {frames.dtype}: expected uint8 {want}")
+  return frames
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray | Iterable[np.ndarray],
+              fps: int) -> pathlib.Path:
+  """Writes uint8 frames (F, H, W, 3) as H.264 mp4; `frames` may also be an iterable of chunks
+  (n, H, W, 3), each encoded as it arrives (a long video streamed from its decoder is never
+  whole in memory). The file appears only when complete (written under a temporary name, then
+  renamed; an error while the chunks come leaves nothing), and equal frames give equal bytes
+  (bit-exact flags, no metadata)."""
   import imageio_ffmpeg
   path = pathlib.Path(path)
-  frames = np.asarray(frames)
-  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
-    raise InputError(f"frames of shape {frames.shape} and dtype {frames.dtype}: expected uint8 "
-                     "(F ≥ 1, H, W, 3)")
-  h, w = frames.shape[1:3]
+  chunks = iter([frames] if isinstance(frames, np.ndarray) else frames)
+  first = _check_frames(next(chunks, np.zeros((0,), np.uint8)))
+  h, w = first.shape[1:3]
   with _atomic(path, path.suffix or ".mp4") as tmp:
     writer = imageio_ffmpeg.write_frames(
         str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1,
@@ -66,9 +77,12 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int) -> pathlib.
     with warnings.catch_warnings():  # ffmpeg runs as a subprocess; JAX's threads are not forked
       warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
       writer.send(None)
-    for frame in frames:
-      writer.send(np.ascontiguousarray(frame))
-    writer.close()
+    try:
+      for chunk in itertools.chain([first], (_check_frames(c, (h, w)) for c in chunks)):
+        for frame in chunk:
+          writer.send(np.ascontiguousarray(frame))
+    finally:
+      writer.close()  # ffmpeg ends either way; on an error the partial file is then removed
   return path
 
 

@@ -93,3 +93,26 @@ def test_seed_reproducible_and_noise_shape_checked(pipe, images):
     pipe(PROMPT, references, background, sampling=sampling, noise=np.zeros((1, 2, 2, 2, 16)))
   with pytest.raises(InputError, match="prompt is empty"):
     pipe("  ", references, background, sampling=sampling)
+
+
+def test_streamed_decode_and_mp4_equal_the_whole_video(pipe, tmp_path):
+  """`decode_stream` yields the whole decode's frames chunk by chunk (one latent frame each), and
+  `write_mp4` given the chunks writes the same file as given the whole video; an error while the
+  chunks come leaves no file."""
+  from a2jax import video
+  latents = np.random.default_rng(4).standard_normal((1, 5, 4, 6, 16)).astype(np.float32)
+  chunks = list(pipe.decode_stream(latents))
+  assert [c.shape[1] for c in chunks] == [1, 4, 4, 4, 4] and chunks[0].dtype == np.uint8
+  whole = video_to_uint8(pipe.decode(latents))
+  streamed = np.concatenate(chunks, axis=1)
+  assert np.abs(streamed.astype(int) - whole).max() <= 1  # float rounding at a level boundary
+  a = video.write_mp4(tmp_path / "a.mp4", streamed[0], 8)
+  b = video.write_mp4(tmp_path / "b.mp4", (c[0] for c in chunks), 8)
+  assert a.read_bytes() == b.read_bytes()
+
+  def broken():
+    yield chunks[0][0]
+    raise RuntimeError("decoder lost")
+  with pytest.raises(RuntimeError, match="decoder lost"):
+    video.write_mp4(tmp_path / "c.mp4", broken(), 8)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "b.mp4"]

@@ -477,6 +477,19 @@ class WanVAE(nn.Module):
       out = self._decode_frames(z, unroll)
     return jnp.clip(out, -1.0, 1.0)
 
+  def decode_first(self, z: jax.Array) -> tuple[jax.Array, Cache]:
+    """Streaming decode, its first step: the first latent frame (B, 1, h, w, z_dim) → (video
+    (B, 1, 8h, 8w, 3) clamped to [−1, 1], the decoder's cache for `decode_next`). Untiled."""
+    first, cache = self.decoder(self.post_quant_conv(_constrain(z)), None, first=True)
+    return jnp.clip(first, -1.0, 1.0), cache
+
+  def decode_next(self, cache: Cache, z: jax.Array) -> tuple[jax.Array, Cache]:
+    """Streaming decode, every later step: one latent frame (B, 1, h, w, z_dim) after those the
+    cache has seen → (video (B, 4, 8h, 8w, 3) clamped, the next cache). The cache has a fixed
+    size, so a long video decodes in constant memory, one program for all its frames."""
+    out, cache = self.decoder(self.post_quant_conv(_constrain(z)), cache, first=False)
+    return jnp.clip(out, -1.0, 1.0), cache
+
   def _decode_frames(self, z: jax.Array, unroll: bool) -> jax.Array:
     """(B, f, h, w, z_dim) → decoder(post_quant_conv) (B, 4(f − 1) + 1, 8h, 8w, 3)."""
     x = self.post_quant_conv(_constrain(z))
