@@ -226,7 +226,18 @@ def plan(frames: int, base_frames: int | None, overlap_history: int | None, caus
   num_latent = latent_frames(frames)
   base_latent = num_latent if base_frames is None else latent_frames(base_frames)
   overlap = None if overlap_history is None else latent_frames(overlap_history)
+  if overlap is not None and num_latent > base_latent and overlap >= base_latent:
+    raise InputError(f"overlap_history {overlap_history} is not shorter than the window of "
+                     f"{base_frames} frames: keep fewer history frames (e.g. 17 or 37)")
+  if num_latent > base_latent and overlap is None:
+    raise InputError(f"{frames} frames do not fit one window of {base_frames}: give "
+                     "overlap_history (e.g. 17) to chain windows")
   windows = window_plan(num_latent, base_latent, overlap, causal_block)
+  uneven = [w.frames for w in windows if w.frames % causal_block]
+  if uneven:
+    raise InputError(f"causal blocks of {causal_block} latent frames do not divide a window of "
+                     f"{uneven[0]} latent frames: choose frames, base_frames and the block size so "
+                     f"that every window's latent frames ((F − 1) / 4 + 1) are a multiple of it")
   if first_frame:
     windows[0] = dataclasses.replace(windows[0], prefix=1)
   return windows

@@ -200,3 +200,15 @@ def test_timestep_matrix_rows():
                                             df.NOT_STARTED_TIMESTEP])
   with pytest.raises(InputError, match="ar_step 0 is too small"):
     df.timestep_matrix(6, timesteps, ar_step=0, num_pre_ready=0, causal_block=1, base_latent=3)
+
+
+@pytest.mark.parametrize("args,message", [
+    (dict(frames=36), "use 4k\\+1 frames"),
+    (dict(overlap_history=17), "overlap_history 17 is not shorter than the window of 17"),
+    (dict(overlap_history=None), "do not fit one window of 17: give overlap_history"),
+    (dict(causal_block=3), "causal blocks of 3 latent frames do not divide a window of 5"),
+])
+def test_plan_refuses_bad_windows_in_one_line(args, message):
+  plan = dict(frames=37, base_frames=17, overlap_history=5, causal_block=1)
+  with pytest.raises(InputError, match=message):
+    df.plan(**{**plan, **args})
