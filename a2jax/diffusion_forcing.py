@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from a2jax import schedulers, sharding
+from a2jax import families, schedulers, sharding
 from a2jax.configs import TransformerConfig
 from a2jax.errors import InputError
 from a2jax.models.transformer import A2Transformer
@@ -105,30 +105,36 @@ def timestep_matrix(num_latent: int, timesteps: np.ndarray, ar_step: int, num_pr
   return expand(values).astype(np.int32), expand(masks)
 
 
+def _row_normal(keys: jax.Array, path: tuple, shape: tuple[int, ...]) -> jax.Array:
+  """Standard normal (B, *shape): row b from its own key (B,) folded with each of `path`, so that a
+  row gets the same noise in any batch."""
+  def one(key):
+    for n in path:
+      key = jax.random.fold_in(key, n)
+    return jax.random.normal(key, shape)
+  return jax.vmap(one)(keys)
+
+
 def window_noise(keys: jax.Array, window: int, shape: tuple[int, ...]) -> jax.Array:
-  """The initial noise (B, *shape) of window `window`: row b from its own key (B,), so that a row
-  gets the same noise in any batch."""
-  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, window), shape))(keys)
+  """The initial noise (B, *shape) of window `window`."""
+  return _row_normal(keys, (window,), shape)
 
 
 def history_noise(keys: jax.Array, window: int, row: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """The `addnoise_condition` noise (B, *shape) mixed into the history prefix at timestep-matrix
   row `row` of window `window` (a fresh draw per row, as the reference's)."""
-  def one(k):
-    return jax.random.normal(jax.random.fold_in(jax.random.fold_in(k, window), row), shape)
-  return jax.vmap(one)(keys)
+  return _row_normal(keys, (window, row), shape)
 
 
 def window_fn(cfg: TransformerConfig, sched: schedulers.UniPC | schedulers.Euler,
               window: Window, window_index: int, *, ar_step: int, causal_block: int,
-              guidance: float, addnoise_condition: float,
-              on_row: Callable[[jax.Array], None] | None = None) -> Callable[..., jax.Array]:
+              guidance: float, addnoise_condition: float) -> Callable[..., jax.Array]:
   """The denoising of one window, to be jitted: (transformer params, latents (B, f, h, w, z) =
   noise with the prefix frames set, text (B, T, text_dim), negative_text (B, T, text_dim) (unused
   at guidance 1), fps_index (B,) int32, history_keys (B,) PRNG keys) → latents (B, f, h, w, z).
 
   Classifier-free guidance runs its two branches as one batch; the transformer is `cfg` with
-  block-causal attention over `causal_block` frames. `on_row(r)` is called from inside the loop."""
+  block-causal attention over `causal_block` frames."""
   values, update = timestep_matrix(window.frames, sched.timesteps, ar_step, window.prefix,
                                    causal_block)
   model_t = values.astype(np.float32)
@@ -141,7 +147,7 @@ def window_fn(cfg: TransformerConfig, sched: schedulers.UniPC | schedulers.Euler
 
   def run(params, latents, text, negative_text, fps_index, history_keys):
     b = latents.shape[0]
-    context = jnp.concatenate([text, negative_text][:branches], axis=0)
+    context = families.branch_contexts(text, negative_text, branches)
     fps_n = jnp.concatenate([fps_index] * branches, axis=0)
     # One scheduler state per frame: states stacked on a leading frame axis.
     state = jax.vmap(sched.init, in_axes=1)(latents)
@@ -159,16 +165,13 @@ def window_fn(cfg: TransformerConfig, sched: schedulers.UniPC | schedulers.Euler
       t = jnp.broadcast_to(t_model, (branches * b, window.frames))
       v = model.apply({"params": params}, x_in, t, context, None,
                       fps_n if cfg.inject_sample_info else None).astype(jnp.float32)
-      if branches == 2:
-        v = v[b:] + guidance * (v[:b] - v[b:])
+      v = families.classifier_free(v, b, guidance)
       stepped, stepped_state = jax.vmap(sched.step, in_axes=(0, 1, 1), out_axes=(1, 0))(state, v, x)
       stepped_state = _as_stepped_in_place(sched, state, stepped_state, stepped)
       x = jnp.where(frame_axis(mask), stepped, x)
       state = jax.tree.map(
           lambda new, old: jnp.where(mask.reshape(-1, *[1] * (old.ndim - 1)), new, old),
           stepped_state, state)
-      if on_row is not None:
-        jax.debug.callback(on_row, r)
       return (x, state), None
 
     rows = (jnp.arange(len(values)), jnp.asarray(model_t), jnp.asarray(update))
@@ -190,12 +193,6 @@ def _as_stepped_in_place(sched, before, after, stepped):
   aliased = jnp.where(without[:, None, None, None, None], jnp.moveaxis(stepped, 1, 0),
                       after.last_sample)
   return after._replace(last_sample=aliased)
-
-
-def num_rows(window: Window, sched, ar_step: int, causal_block: int) -> int:
-  """Rows of the timestep matrix of `window`: transformer calls it takes (per guidance branch)."""
-  return len(timestep_matrix(window.frames, sched.timesteps, ar_step, window.prefix,
-                             causal_block)[0])
 
 
 def sample_latents(run_window: Callable[[Window, int, jax.Array], jax.Array],

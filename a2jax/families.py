@@ -96,10 +96,7 @@ class A2:
 
   def guide(self, v: jnp.ndarray, batch: int, sampling: SamplingConfig) -> jnp.ndarray:
     """Velocities of the branches (nB, f, h, w, z) → the guided one (B, f, h, w, z)."""
-    if v.shape[0] == batch:
-      return v
-    cond, uncond = v[:batch], v[batch:]
-    return uncond + sampling.guidance * (cond - uncond)
+    return classifier_free(v, batch, sampling.guidance)
 
   def frames_to_drop(self, num_refs: int) -> int:
     """Output frames that show the references rather than the scene (`drop_reference_frames`)."""
@@ -202,6 +199,15 @@ def require_clip(cfg: Config, what: str) -> None:
   if not of(cfg).uses_clip:
     raise ConfigError(f"{what} is a SkyReels-V3 R2V model, which has no CLIP image encoder; this "
                       "command scores with one: pass a SkyReels-A2 folder")
+
+
+def classifier_free(v: jnp.ndarray, batch: int, guidance: float) -> jnp.ndarray:
+  """Velocities of a prompt branch then a negative-prompt branch (2B, …) → u + s·(c − u) (B, …);
+  one branch (B, …) is returned as it is."""
+  if v.shape[0] == batch:
+    return v
+  cond, uncond = v[:batch], v[batch:]
+  return uncond + guidance * (cond - uncond)
 
 
 def branch_contexts(text: jnp.ndarray, negative_text: jnp.ndarray, branches: int) -> jnp.ndarray:

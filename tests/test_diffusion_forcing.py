@@ -60,6 +60,11 @@ def models():
           v_cfg, convert_vae.from_torch(state_dict_numpy(vae), v_cfg))
 
 
+def addnoise_keys():
+  """The keys of the addnoise_condition draws (one row), for a2jax and for the patched reference."""
+  return jax.random.split(jax.random.key(99), 1)
+
+
 def text_states(seed):
   rng = np.random.default_rng(seed)
   text = rng.standard_normal((2, 1, 512, TRANSFORMER["text_dim"])).astype(np.float32)
@@ -72,7 +77,7 @@ def a2jax_latents(t_cfg, params, case, noise_keys, text, negative, first_frame=N
   windows = df.plan(case["frames"], case["base_frames"], case["overlap_history"],
                     case["causal_block"], first_frame=first_frame is not None)
   fps_index = np.full((1,), df.fps_index(case["fps"]), np.int32)
-  history_keys = jax.random.split(jax.random.key(99), 1)
+  history_keys = addnoise_keys()
 
   def run_window(window, index, latents):
     fn = df.window_fn(t_cfg, sched, window, index, ar_step=case["ar_step"],
@@ -99,7 +104,7 @@ def patch_reference_noise(monkeypatch, module, windows, noise_keys, latent_shape
   def randn_like(x, **_):
     row = history_calls["row"]
     history_calls["row"] += 1
-    noise = df.history_noise(jax.random.split(jax.random.key(99), 1), history_calls["window"],
+    noise = df.history_noise(addnoise_keys(), history_calls["window"],
                              jnp.asarray(row), (x.shape[2], x.shape[3], x.shape[4], x.shape[1]))
     return torch.from_numpy(np.asarray(noise).transpose(0, 4, 1, 2, 3).copy()).to(x.dtype)
 
