@@ -1,4 +1,5 @@
-"""Elements-to-video sampling from a converted SkyReels-A2 or SkyReels-V3 R2V folder.
+"""Video sampling from a converted folder: elements-to-video from SkyReels-A2 or SkyReels-V3 R2V,
+long text- or image-to-video from SkyReels-V2 diffusion forcing (DF).
 
   python sample.py --checkpoint a2jax-14b --prompt "A man is holding a teddy bear in the forest." \
       --ref man.png --ref bear.png --background forest.png --out video.mp4
@@ -6,12 +7,17 @@
       --resolution 540P --out video.mp4
 
 The folder's family decides the conditioning and the defaults (docs/models.md "Model families");
-`--image-guidance` and `--resolution` are SkyReels-V3 R2V's.
+`--image-guidance` and `--resolution` are SkyReels-V3 R2V's. A SkyReels-V2 DF folder makes video of
+any length in windows chained by latent history (README "Long video"), written as it is decoded:
+  python sample.py --checkpoint a2jax-v2-df --prompt "A cat walks along a garden wall." \
+      --frames 257 --overlap-history 17 --ar-step 0 --addnoise-condition 20 --out cat.mp4
+(`--image first.png`: image-to-video from that first frame).
 
 Many videos with one compiled program: `--jobs jobs.jsonl`, one JSON object per line:
   {"prompt": "...", "refs": ["man.png", "bear.png"], "background": "forest.png", "out": "a.mp4",
    "negative_prompt": "...", "seed": 7}
-(`background`, `negative_prompt` and `seed` are optional; relative paths are relative to the jobs
+(`background`, `negative_prompt` and `seed` are optional; a DF folder's jobs take `image` instead of
+`refs` and `background`; relative paths are relative to the jobs
 file). Jobs run `--batch B` at a time through one compiled program (default: the size of the
 mesh's data axis); jobs with the same number of reference images (background included) share
 batches, in file order, and the last short batch of each count repeats its last job.
@@ -37,11 +43,17 @@ from a2jax import conditioning_v3, configs, families, preprocess, video
 from a2jax.errors import InputError
 from a2jax.runner import run_main
 
-JOB_KEYS = ("prompt", "refs", "background", "out", "negative_prompt", "seed")
+JOB_KEYS = ("prompt", "refs", "background", "image", "out", "negative_prompt", "seed")
 SAMPLING_FLAGS = ("frames", "height", "width", "steps", "guidance", "image_guidance", "shift",
-                  "seed", "sampler",
+                  "seed", "sampler", "fps",
                   "distill_timesteps", "distill_shift", "cache", "cache_threshold",
-                  "cache_max_skips", "cache_retention", "cache_calibration")
+                  "cache_max_skips", "cache_retention", "cache_calibration",
+                  "base_frames", "overlap_history", "ar_step", "causal_block_size",
+                  "addnoise_condition")
+# Flags that elements-to-video has and a SkyReels-V2 DF folder does not (what they would act on).
+ELEMENTS_ONLY_FLAGS = {"grid": "the references beside the video", "calibrate": "MagCache's curve "
+                       "of the elements-to-video sampler", "keep_reference_frames": "reference "
+                       "frames"}
 
 
 @dataclasses.dataclass
@@ -52,6 +64,7 @@ class Job:
   out: pathlib.Path
   negative_prompt: str | None = None
   seed: int | None = None
+  image: pathlib.Path | None = None  # SkyReels-V2 DF: the first frame (image-to-video)
 
 
 def parse_args(argv):
@@ -62,6 +75,8 @@ def parse_args(argv):
   p.add_argument("--ref", action="append", default=[], type=pathlib.Path,
                  help="a subject / object reference image (repeat for several, in order)")
   p.add_argument("--background", type=pathlib.Path, help="the background reference image")
+  p.add_argument("--image", type=pathlib.Path, help="SkyReels-V2 DF: the first frame "
+                 "(image-to-video), resized to the video")
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("video.mp4"), help="output mp4")
   p.add_argument("--negative-prompt", help="default: the folder's (A2: the release's negative "
                  "prompt; V3 R2V: none)")
@@ -81,6 +96,8 @@ def parse_args(argv):
                  "above guidance 1 (1.0)")
   p.add_argument("--shift", type=float, help="flow shift (A2: 8.0, V3 R2V: 5.0)")
   p.add_argument("--seed", type=int, help="noise seed (42)")
+  p.add_argument("--fps", type=int, help="frames per second of the mp4 (A2: 16, V3 R2V and V2 DF: "
+                 "24); V2 DF also tells the model (16 or other)")
   p.add_argument("--sampler", choices=configs.SAMPLERS, help="unipc (release), euler, or distill "
                  "(a step-distilled model, e.g. --sampler distill --guidance 1 with lightx2v's LoRA)")
   fast = p.add_argument_group("fast sampling (docs/sampling.md \"Fast sampling\")")
@@ -97,6 +114,17 @@ def parse_args(argv):
   fast.add_argument("--cache-calibration", help="mag: the curve JSON written by --calibrate")
   fast.add_argument("--calibrate", type=pathlib.Path, metavar="OUT.json", help="instead of videos, "
                     "run the job(s) in full and write MagCache's curve (mean over jobs) to OUT.json")
+  long = p.add_argument_group("long video (SkyReels-V2 DF folders; README \"Long video\")")
+  long.add_argument("--base-frames", type=int, help="frames of one window, 4k+1 (540P: 97, "
+                    "720P: 121); longer videos are made of several")
+  long.add_argument("--overlap-history", type=int, help="frames of each window taken from the "
+                    "video so far, as latents (4k+1, e.g. 17 or 37; needed above one window)")
+  long.add_argument("--ar-step", type=int, help="0 (default): a window's frames denoise together; "
+                    "k > 0: each causal block starts k steps after the one before (e.g. 5)")
+  long.add_argument("--causal-block-size", type=int, help="latent frames per causal attention "
+                    "block (1: full attention; e.g. 5 with --ar-step 5)")
+  long.add_argument("--addnoise-condition", type=float, help="re-noise the history to this level "
+                    "before each step (0: off; the reference suggests 20 for long videos)")
   p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                  help="a LoRA .safetensors file (original Wan / ComfyUI, kohya / musubi or "
                  "diffusers names) merged into the transformer at load time, scaled by STRENGTH "
@@ -141,9 +169,11 @@ def read_jobs(args) -> list[Job]:
   if args.jobs is None:
     if args.prompt is None:
       raise InputError("no --prompt: give --prompt with --ref/--background, or --jobs FILE.jsonl")
-    return [Job(args.prompt, list(args.ref), args.background, args.out, args.negative_prompt)]
-  if args.prompt or args.ref or args.background:
-    raise InputError("--jobs replaces --prompt/--ref/--background: put them in the jobs file")
+    return [Job(args.prompt, list(args.ref), args.background, args.out, args.negative_prompt,
+                image=args.image)]
+  if args.prompt or args.ref or args.background or args.image:
+    raise InputError("--jobs replaces --prompt/--ref/--background/--image: put them in the jobs "
+                     "file")
   if not args.jobs.is_file():
     raise InputError(f"jobs file {args.jobs} does not exist")
   base = args.jobs.parent
@@ -165,7 +195,8 @@ def read_jobs(args) -> list[Job]:
       raise InputError(f"{where}: a job needs 'prompt' and 'out'")
     jobs.append(Job(raw["prompt"], [base / r for r in raw.get("refs", [])],
                     base / raw["background"] if raw.get("background") else None, base / raw["out"],
-                    raw.get("negative_prompt", args.negative_prompt), raw.get("seed")))
+                    raw.get("negative_prompt", args.negative_prompt), raw.get("seed"),
+                    base / raw["image"] if raw.get("image") else None))
   if not jobs:
     raise InputError(f"{args.jobs} holds no jobs")
   return jobs
@@ -178,9 +209,14 @@ def validate(jobs: list[Job], sampling: configs.SamplingConfig, family) -> None:
     if not job.prompt.strip():
       raise InputError(f"empty prompt for {job.out}: describe the video to generate")
     family.check(sampling, num_refs(job))
-    for path in [*job.refs, *([job.background] if job.background else [])]:
+    if job.image is not None and family.takes_references:
+      raise InputError("--image is the first frame of a SkyReels-V2 DF folder's video; this folder "
+                       "makes elements-to-video: give the references with --ref/--background")
+    for path in [*job.refs, *([job.background] if job.background else []),
+                 *([job.image] if job.image else [])]:
       if not path.is_file():
-        raise InputError(f"reference image {path} does not exist")
+        raise InputError(f"{'image' if path == job.image else 'reference image'} {path} does not "
+                         "exist")
       preprocess.load_image(path)  # readable, or a one-line InputError
     if job.out.suffix.lower() != ".mp4":
       raise InputError(f"--out {job.out}: the output must be an .mp4 file")
@@ -213,10 +249,15 @@ def sampling_config(args, base: configs.SamplingConfig, family) -> configs.Sampl
   if args.resolution is not None and (not has_size_rule or args.height or args.width):
     raise InputError("--resolution is SkyReels-V3 R2V's size rule and replaces --height/--width"
                      if has_size_rule else "--resolution is a SkyReels-V3 R2V option: "
-                     "give an A2 folder --height and --width")
+                     "give this folder --height and --width")
   if args.image_guidance is not None and family.name != "v3_r2v":
-    raise InputError("--image-guidance is a SkyReels-V3 R2V option; an A2 folder has one "
+    raise InputError("--image-guidance is a SkyReels-V3 R2V option; this folder has one "
                      "guidance (--guidance)")
+  if not family.takes_references:
+    given = [name for name in ELEMENTS_ONLY_FLAGS if getattr(args, name)]
+    if given:
+      raise InputError(f"--{given[0].replace('_', '-')} acts on {ELEMENTS_ONLY_FLAGS[given[0]]}, "
+                       "which a SkyReels-V2 DF folder's sampling does not have: leave it out")
   flags = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
   if args.keep_reference_frames:
     flags["drop_reference_frames"] = False
@@ -314,11 +355,29 @@ def sample(argv) -> int:
   loras = read_loras(args.lora, cfg.transformer, writer)
   start = time.perf_counter()
   mesh = sharding.make_mesh(cfg.mesh)
-  pipe = pipeline.A2Pipeline.from_folder(folder, mesh=mesh, overrides=overrides, loras=loras)
+  if family.takes_references:
+    pipe = pipeline.A2Pipeline.from_folder(folder, mesh=mesh, overrides=overrides, loras=loras)
+  else:
+    from a2jax.long_video import DiffusionForcingPipeline
+    pipe = DiffusionForcingPipeline.from_folder(folder, mesh=mesh, overrides=overrides, loras=loras)
   load_seconds = time.perf_counter() - start
   if args.calibrate is not None:
     return calibrate(pipe, jobs, sampling, args.calibrate, writer, sizes)
   size = args.batch or mesh.shape["data"]
+  write = write_videos if family.takes_references else write_long_videos
+  totals = write(pipe, jobs, sampling, sizes, size, args, writer)
+  if writer:
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in totals.items() if k != "compile")
+    print(f"timings: load {load_seconds:.1f}s, compile {totals.get('compile', 0.0):.1f}s, "
+          f"{stages} ({len(jobs)} video(s), batch {size})", file=sys.stderr)
+  return 0
+
+
+def write_videos(pipe, jobs: list[Job], sampling: configs.SamplingConfig,
+                 sizes: dict[int, tuple[int, int]], size: int, args, writer: bool
+                 ) -> dict[str, float]:
+  """Elements-to-video: the jobs in batches of `size` through `A2Pipeline.generate`, each video
+  written by the `writer` process; returns the seconds per stage."""
   totals: dict[str, float] = {}
   written = 0
   for batch in batches(jobs, size, key=lambda job: (num_refs(job), sizes[id(job)])):
@@ -344,11 +403,57 @@ def sample(argv) -> int:
                         sampling.fps)
       print(f"[{written}/{len(jobs)}] wrote {job.out} ({frames.shape[0]} frames, "
             f"{height}×{width})", file=sys.stderr)
-  if writer:
-    stages = ", ".join(f"{k} {v:.1f}s" for k, v in totals.items() if k != "compile")
-    print(f"timings: load {load_seconds:.1f}s, compile {totals.get('compile', 0.0):.1f}s, "
-          f"{stages} ({len(jobs)} video(s), batch {size})", file=sys.stderr)
-  return 0
+  return totals
+
+
+def write_long_videos(pipe, jobs: list[Job], sampling: configs.SamplingConfig,
+                      sizes: dict[int, tuple[int, int]], size: int, args, writer: bool
+                      ) -> dict[str, float]:
+  """SkyReels-V2 DF: the jobs in batches of `size` (text-to-video and image-to-video apart)
+  through `DiffusionForcingPipeline.latents`, window by window; each video then decoded one latent
+  frame at a time and written as it comes by the `writer` process (every process decodes: the
+  decode is one program over the mesh). Returns the seconds per stage."""
+  from a2jax.long_video import VideoRequest
+  totals: dict[str, float] = {"compile": 0.0}
+  written = 0
+  for batch in batches(jobs, size, key=lambda job: job.image is not None):
+    requests = [VideoRequest(job.prompt, preprocess.load_image(job.image) if job.image else None,
+                             job.negative_prompt, job.seed) for job in batch]
+    latents = pipe.latents(requests, sampling, progress=not args.no_progress and writer,
+                           timings=totals)
+    for row, job in unique_rows(batch):
+      written += 1
+      start = time.perf_counter()
+      frames = [] if args.save_arrays else None
+      chunks = decoded_chunks(pipe, latents[row:row + 1], frames,
+                              progress=not args.no_progress and writer)
+      if writer:
+        video.write_mp4(job.out, chunks, sampling.fps)
+      else:
+        for _ in chunks:  # the decode's programs run on every process
+          pass
+      totals["decode"] = totals.get("decode", 0.0) + time.perf_counter() - start
+      if not writer:
+        continue
+      if args.save_arrays:
+        video.write_arrays(job.out.with_suffix(".npz"), frames=np.concatenate(frames),
+                           latents=latents[row])
+      print(f"[{written}/{len(jobs)}] wrote {job.out} ({sampling.frames} frames, "
+            f"{sampling.height}×{sampling.width})", file=sys.stderr)
+  return totals
+
+
+def decoded_chunks(pipe, latents: np.ndarray, keep: list | None, progress: bool):
+  """One video's uint8 frame chunks (n, H, W, 3) from its latents (1, f, h, w, z) as they are
+  decoded, with a bar over the latent frames; each chunk also appended to `keep` when given."""
+  import tqdm
+  with tqdm.tqdm(total=latents.shape[1], desc="decode", unit="latent frame", leave=False,
+                 disable=not progress) as bar:
+    for chunk in pipe.decode_stream(latents):
+      bar.update(1)
+      if keep is not None:
+        keep.append(chunk[0])
+      yield chunk[0]
 
 
 def unique_rows(batch: list[Job]) -> list[tuple[int, Job]]:

@@ -39,7 +39,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from a2jax import checkpoints, configs, distributed, logs, sharding
+from a2jax import checkpoints, configs, distributed, families, logs, sharding
 from a2jax.errors import TrainingError
 from a2jax.runner import run_main
 from a2jax.flops import step_flops
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
   # --- config -------------------------------------------------------------------------------
   path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   cfg = configs.load(path, overrides)
+  families.require_references(cfg, path)
   tc = cfg.train
   run_dir = os.path.join(tc.output_dir, tc.run_name)
   ckpt_dir = os.path.join(run_dir, "checkpoints")

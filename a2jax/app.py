@@ -292,13 +292,14 @@ def load_app(folder: pathlib.Path, out_dir: pathlib.Path, overrides: Sequence[st
              lora_specs: Sequence[str] = ()) -> App:
   """The pipeline of a converted folder on a mesh of this host's devices (the config's mesh)."""
   import jax
-  from a2jax import checkpoints, distributed, pipeline, sharding
+  from a2jax import checkpoints, distributed, families, pipeline, sharding
   if distributed.multi_process_environment() or jax.process_count() > 1:
     raise InputError("the web app runs as one process, and this is one of several (a pod slice or "
                      "a multi-process launch): start it on a single host, or sample on the pod "
                      "with sample.py --jobs")
   pipeline.check_folder(folder)
   cfg = checkpoints.read_config(folder, overrides)
+  families.require_references(cfg, str(folder))
   loras = read_loras(lora_specs, cfg.transformer)
   for lora in loras.values():
     for note in lora.notes:

@@ -24,10 +24,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "offload")
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 QUANTIZED_WEIGHTS = ("native", "int8", "fp8")  # a2jax/models/quant.py
-MODEL_FAMILIES = ("a2", "v3_r2v")  # a2jax/families.py
+MODEL_FAMILIES = ("a2", "v3_r2v", "v2_df")  # a2jax/families.py
 # Latent frames a family appends to the video's in time (V3 R2V: its reference slots), which the
 # DiT sees as tokens too (a2jax/conditioning_v3.py, a2jax/flops.py).
-REFERENCE_FRAMES = {"a2": 0, "v3_r2v": 4}
+REFERENCE_FRAMES = {"a2": 0, "v3_r2v": 4, "v2_df": 0}
 NUM_TRAIN_TIMESTEPS = 1000  # the flow schedules' training steps; timesteps are 1000·σ
 # The Dense modules of an A2 block that a LoRA may target, as "module.projection": a2jax.models.lora
 # finds each at params["blocks"][module][projection]. The default targets leave out the FFN.
@@ -363,6 +363,16 @@ class SamplingConfig:
   cache_max_skips: int = 4              # mag: at most this many skipped steps in a row
   cache_retention: float = 0.2          # mag, teacache: this first share of steps always runs
   cache_calibration: str | None = None  # mag: the JSON curve of `sample.py --calibrate OUT.json`
+  # diffusion forcing (family v2_df, a2jax/diffusion_forcing.py; diffusers' names): windows of
+  # base_frames (None: the whole video in one) chained by overlap_history frames of latent
+  # history; ar_step 0 denoises a window's frames together, k > 0 starts each causal block of
+  # causal_block_size latent frames k steps after the one before; addnoise_condition re-noises
+  # the history to this noise level (0: off; the reference suggests 20)
+  base_frames: int | None = None
+  overlap_history: int | None = None
+  ar_step: int = 0
+  causal_block_size: int = 1
+  addnoise_condition: float = 0.0
 
   def __post_init__(self):
     name = type(self).__name__
@@ -389,6 +399,20 @@ class SamplingConfig:
                         "sample.py --checkpoint FOLDER --prompt ... --calibrate curve.json")
     if self.sampler == "distill":
       check_distill_timesteps(name, self.distill_timesteps, NUM_TRAIN_TIMESTEPS)
+    for field in ("base_frames", "overlap_history"):
+      value = getattr(self, field)
+      if value is not None and (value < 1 or (value - 1) % 4):
+        raise ConfigError(f"{name}.{field} = {value} must be 4k+1 frames (e.g. 17, 97)")
+    check_positive(name, causal_block_size=self.causal_block_size)
+    if self.ar_step < 0 or self.addnoise_condition < 0:
+      raise ConfigError(f"{name}: ar_step {self.ar_step} and addnoise_condition "
+                        f"{self.addnoise_condition} must be ≥ 0")
+
+  @property
+  def uses_diffusion_forcing(self) -> bool:
+    """Whether any diffusion-forcing option differs from one plain window."""
+    return (self.base_frames is not None or self.overlap_history is not None or self.ar_step != 0
+            or self.causal_block_size != 1 or self.addnoise_condition != 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -578,6 +602,10 @@ class Config:
       raise ConfigError("sampling.image_guidance is a SkyReels-V3 R2V option (family v3_r2v); an A2 "
                         "config has one guidance: set image_guidance to null")
     t = self.transformer
+    if self.family == "v2_df" and (t.image_dim is not None or t.in_channels != t.out_channels):
+      raise ConfigError(f"a SkyReels-V2 diffusion-forcing transformer takes the latents alone and "
+                        f"has no image branch, this one has in_channels {t.in_channels} for "
+                        f"{t.out_channels} out and image_dim {t.image_dim}: it is not a DF model")
     if self.family == "v3_r2v" and (t.image_dim is not None or t.in_channels != t.out_channels):
       raise ConfigError(f"a SkyReels-V3 R2V transformer takes the latents alone and has no image "
                         f"branch (its references come as frames), this one has in_channels "

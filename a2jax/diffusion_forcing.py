@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from a2jax import families, schedulers, sharding
+from a2jax import schedulers, sharding
 from a2jax.configs import TransformerConfig
 from a2jax.errors import InputError
+from a2jax.guidance import branch_contexts, classifier_free
 from a2jax.models.transformer import A2Transformer
 from a2jax.video import latent_frames
 
@@ -105,6 +106,11 @@ def timestep_matrix(num_latent: int, timesteps: np.ndarray, ar_step: int, num_pr
   return expand(values).astype(np.int32), expand(masks)
 
 
+def num_rows(window: Window, timesteps: np.ndarray, ar_step: int, causal_block: int) -> int:
+  """The rows of a window's timestep matrix: the transformer calls it takes."""
+  return len(timestep_matrix(window.frames, timesteps, ar_step, window.prefix, causal_block)[0])
+
+
 def _row_normal(keys: jax.Array, path: tuple, shape: tuple[int, ...]) -> jax.Array:
   """Standard normal (B, *shape): row b from its own key (B,) folded with each of `path`, so that a
   row gets the same noise in any batch."""
@@ -127,14 +133,17 @@ def history_noise(keys: jax.Array, window: int, row: jax.Array, shape: tuple[int
 
 
 def window_fn(cfg: TransformerConfig, sched: schedulers.UniPC | schedulers.Euler,
-              window: Window, window_index: int, *, ar_step: int, causal_block: int,
-              guidance: float, addnoise_condition: float) -> Callable[..., jax.Array]:
+              window: Window, *, ar_step: int, causal_block: int, guidance: float,
+              addnoise_condition: float, on_row: Callable[[jax.Array], None] | None = None
+              ) -> Callable[..., jax.Array]:
   """The denoising of one window, to be jitted: (transformer params, latents (B, f, h, w, z) =
   noise with the prefix frames set, text (B, T, text_dim), negative_text (B, T, text_dim) (unused
-  at guidance 1), fps_index (B,) int32, history_keys (B,) PRNG keys) → latents (B, f, h, w, z).
+  at guidance 1), fps_index (B,) int32, history_keys (B, 2) uint32 PRNG key data, window_index ()
+  int32) → latents (B, f, h, w, z).
 
   Classifier-free guidance runs its two branches as one batch; the transformer is `cfg` with
-  block-causal attention over `causal_block` frames."""
+  block-causal attention over `causal_block` frames. The window's index is an input, so windows of
+  one shape share the program. `on_row(r)` is called from inside the loop after row r (progress)."""
   values, update = timestep_matrix(window.frames, sched.timesteps, ar_step, window.prefix,
                                    causal_block)
   model_t = values.astype(np.float32)
@@ -145,9 +154,10 @@ def window_fn(cfg: TransformerConfig, sched: schedulers.UniPC | schedulers.Euler
   branches = 1 if guidance == 1.0 else 2
   frame_axis = lambda a: a[None, :, None, None, None]  # (f,) → broadcast over (B, f, h, w, z)
 
-  def run(params, latents, text, negative_text, fps_index, history_keys):
+  def run(params, latents, text, negative_text, fps_index, history_keys, window_index):
     b = latents.shape[0]
-    context = families.branch_contexts(text, negative_text, branches)
+    history_keys = jax.random.wrap_key_data(history_keys)
+    context = branch_contexts(text, negative_text, branches)
     fps_n = jnp.concatenate([fps_index] * branches, axis=0)
     # One scheduler state per frame: states stacked on a leading frame axis.
     state = jax.vmap(sched.init, in_axes=1)(latents)
@@ -165,13 +175,15 @@ def window_fn(cfg: TransformerConfig, sched: schedulers.UniPC | schedulers.Euler
       t = jnp.broadcast_to(t_model, (branches * b, window.frames))
       v = model.apply({"params": params}, x_in, t, context, None,
                       fps_n if cfg.inject_sample_info else None).astype(jnp.float32)
-      v = families.classifier_free(v, b, guidance)
+      v = classifier_free(v, b, guidance)
       stepped, stepped_state = jax.vmap(sched.step, in_axes=(0, 1, 1), out_axes=(1, 0))(state, v, x)
       stepped_state = _as_stepped_in_place(sched, state, stepped_state, stepped)
       x = jnp.where(frame_axis(mask), stepped, x)
       state = jax.tree.map(
           lambda new, old: jnp.where(mask.reshape(-1, *[1] * (old.ndim - 1)), new, old),
           stepped_state, state)
+      if on_row is not None:
+        jax.debug.callback(on_row, r)
       return (x, state), None
 
     rows = (jnp.arange(len(values)), jnp.asarray(model_t), jnp.asarray(update))
@@ -225,7 +237,8 @@ def plan(frames: int, base_frames: int | None, overlap_history: int | None, caus
   overlap = None if overlap_history is None else latent_frames(overlap_history)
   if overlap is not None and num_latent > base_latent and overlap >= base_latent:
     raise InputError(f"overlap_history {overlap_history} is not shorter than the window of "
-                     f"{base_frames} frames: keep fewer history frames (e.g. 17 or 37)")
+                     f"{base_frames} frames: keep fewer history frames (e.g. 17 with windows of "
+                     "97)")
   if num_latent > base_latent and overlap is None:
     raise InputError(f"{frames} frames do not fit one window of {base_frames}: give "
                      "overlap_history (e.g. 17) to chain windows")

@@ -8,6 +8,8 @@ pipeline, the data encoder and the trainer ask it, and read the same for both.
 - `v3_r2v` (SkyReels-V3 reference-to-video): no CLIP; the 1–4 references are latent frames after
   the video's (a2jax.conditioning_v3); dual guidance with 3 branches (prompt + references,
   negative prompt + references, negative prompt + zero references).
+- `v2_df` (SkyReels-V2 diffusion forcing): no references; text (or a first frame) to video of any
+  length, sampled by a2jax.long_video rather than the elements-to-video pipeline.
 
 Shapes: B videos, f latent frames of the video, h / w latent height / width, z latent channels,
 N references, nB = branches · B.
@@ -20,7 +22,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from a2jax import conditioning, conditioning_v3
+from a2jax import conditioning, conditioning_v3, guidance
 from a2jax.configs import Config, SamplingConfig
 from a2jax.errors import ConfigError, InputError
 
@@ -39,6 +41,7 @@ class A2:
   name = "a2"
   components = ("transformer", "vae", "clip", "umt5")
   uses_clip = True
+  takes_references = True
   default_negative_prompt = A2_NEGATIVE_PROMPT
   default_resolution = None  # sample.py: the config's height and width
 
@@ -46,6 +49,7 @@ class A2:
     if sampling.image_guidance is not None:
       raise InputError("image_guidance is a SkyReels-V3 R2V option; an A2 folder has one "
                        "guidance: leave image_guidance unset")
+    refuse_diffusion_forcing("SkyReels-A2", sampling)
     self.check_reference_count(num_refs, sampling.frames)
 
   def check_reference_count(self, num_refs: int, frames: int) -> None:
@@ -96,7 +100,7 @@ class A2:
 
   def guide(self, v: jnp.ndarray, batch: int, sampling: SamplingConfig) -> jnp.ndarray:
     """Velocities of the branches (nB, f, h, w, z) → the guided one (B, f, h, w, z)."""
-    return classifier_free(v, batch, sampling.guidance)
+    return guidance.classifier_free(v, batch, sampling.guidance)
 
   def frames_to_drop(self, num_refs: int) -> int:
     """Output frames that show the references rather than the scene (`drop_reference_frames`)."""
@@ -109,10 +113,12 @@ class V3R2V:
   name = "v3_r2v"
   components = ("transformer", "vae", "umt5")
   uses_clip = False
+  takes_references = True
   default_negative_prompt = ""  # what its generate_video passes
   default_resolution = "720P"   # sample.py sizes each video as its generate_video does by default
 
   def check(self, sampling: SamplingConfig, num_refs: int) -> None:
+    refuse_diffusion_forcing("SkyReels-V3 R2V", sampling)
     self.check_reference_count(num_refs, sampling.frames)
     if sampling.guidance < 1.0:
       raise InputError(f"guidance {sampling.guidance}: SkyReels-V3 R2V runs one branch at "
@@ -185,10 +191,66 @@ class V3R2V:
     return 0  # the output holds the video frames only
 
 
-FAMILIES = {family.name: family for family in (A2(), V3R2V())}
+class V2DiffusionForcing:
+  """SkyReels-V2 diffusion forcing (DF-1.3B / 14B): text-to-video, or image-to-video from a first
+  frame, of any length, sampled window by window with per-frame noise levels
+  (a2jax/diffusion_forcing.py, a2jax/long_video.py). No references, no CLIP; 2-branch guidance."""
+
+  name = "v2_df"
+  components = ("transformer", "vae", "umt5")
+  uses_clip = False
+  takes_references = False
+  default_negative_prompt = ""  # diffusers' pipelines encode "" when none is given
+  default_resolution = None
+
+  def check(self, sampling: SamplingConfig, num_refs: int) -> None:
+    """The sampling options a DF folder takes, and its windows (diffusion_forcing.plan)."""
+    if num_refs:
+      raise InputError("a SkyReels-V2 diffusion-forcing folder takes no reference images: give a "
+                       "prompt, and a first frame with --image for image-to-video")
+    if sampling.image_guidance is not None:
+      raise InputError("image_guidance is a SkyReels-V3 R2V option; a SkyReels-V2 DF folder has "
+                       "one guidance: leave image_guidance unset")
+    if sampling.sampler == "distill" or sampling.cache != "none":
+      what = (f"sampler {sampling.sampler!r}" if sampling.sampler == "distill"
+              else f"cache {sampling.cache!r}")
+      raise InputError(f"{what}: diffusion forcing steps every frame on its own schedule; use "
+                       "sampler unipc or euler, without a step cache")
+    from a2jax import diffusion_forcing  # it builds on this module
+    diffusion_forcing.plan(sampling.frames, sampling.base_frames, sampling.overlap_history,
+                           sampling.causal_block_size)
+
+  def in_channels(self, z: int) -> int:
+    return z
+
+  def branches(self, sampling: SamplingConfig) -> int:
+    return 1 if sampling.guidance == 1.0 else 2
 
 
-def of(cfg: Config) -> A2 | V3R2V:
+def refuse_diffusion_forcing(family: str, sampling: SamplingConfig) -> None:
+  """A2 and V3 R2V models were trained with one noise level for the whole video: per-frame levels
+  and history windows are outside what they learned, so their folders refuse the DF options."""
+  if sampling.uses_diffusion_forcing:
+    raise InputError(f"base_frames, overlap_history, ar_step, causal_block_size and "
+                     f"addnoise_condition are diffusion-forcing options, and this {family} model "
+                     "was trained with one noise level for all frames: leave them unset here (one "
+                     "window of the model's length), or sample long video from a SkyReels-V2 DF "
+                     "folder")
+
+
+def require_references(cfg: Config, what: str) -> None:
+  """Refuse a SkyReels-V2 DF config (`what` names the folder or config) where a command works on
+  elements-to-video models (training, data encoding, the web app): one line."""
+  if not of(cfg).takes_references:
+    raise ConfigError(f"{what} is a SkyReels-V2 diffusion-forcing model (text or first frame to "
+                      "video, no references); this command works on SkyReels-A2 and SkyReels-V3 "
+                      "R2V models: sample the DF model with sample.py")
+
+
+FAMILIES = {family.name: family for family in (A2(), V3R2V(), V2DiffusionForcing())}
+
+
+def of(cfg: Config) -> A2 | V3R2V | V2DiffusionForcing:
   """The family of a config (`cfg.family`, checked on load)."""
   return FAMILIES[cfg.family]
 
@@ -199,17 +261,3 @@ def require_clip(cfg: Config, what: str) -> None:
   if not of(cfg).uses_clip:
     raise ConfigError(f"{what} is a SkyReels-V3 R2V model, which has no CLIP image encoder; this "
                       "command scores with one: pass a SkyReels-A2 folder")
-
-
-def classifier_free(v: jnp.ndarray, batch: int, guidance: float) -> jnp.ndarray:
-  """Velocities of a prompt branch then a negative-prompt branch (2B, …) → u + s·(c − u) (B, …);
-  one branch (B, …) is returned as it is."""
-  if v.shape[0] == batch:
-    return v
-  cond, uncond = v[:batch], v[batch:]
-  return uncond + guidance * (cond - uncond)
-
-
-def branch_contexts(text: jnp.ndarray, negative_text: jnp.ndarray, branches: int) -> jnp.ndarray:
-  """Text states of the branches (nB, T, D): the prompt, then the negative prompt for the others."""
-  return jnp.concatenate([text, *[negative_text] * (branches - 1)], axis=0)

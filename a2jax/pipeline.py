@@ -40,6 +40,7 @@ from a2jax import (checkpoints, distributed, families, preprocess, schedulers, s
                    text)
 from a2jax.configs import Config, SamplingConfig
 from a2jax.errors import InputError
+from a2jax.guidance import branch_contexts
 from a2jax.video import latent_frames
 from a2jax.models import clip as clip_model
 from a2jax.models import lora, quant
@@ -150,7 +151,7 @@ def denoise_fn(cfg: Config, sampling: SamplingConfig,
 
   def denoise(params, noise, text_states, negative_text, image, condition, noise_keys=None):
     b, f = noise.shape[:2]
-    context = families.branch_contexts(text_states, negative_text, branches)
+    context = branch_contexts(text_states, negative_text, branches)
     image_n = None if image is None else jnp.concatenate([image] * branches, axis=0)
     cond_n = family.branch_conditions(condition, branches)
     apply = functools.partial(model.apply, {"params": params})
@@ -422,13 +423,14 @@ class A2Pipeline:
         self._on_progress(done, bar.total)
 
   def _place(self, inputs):
-    """Inputs as device arrays, batch-sharded on the mesh's data/fsdp axes when there is a mesh
-    (None stays None: V3 R2V has no image tokens)."""
+    """Inputs as device arrays, batch-sharded on the mesh's data/fsdp axes when there is a mesh,
+    scalars replicated (None stays None: V3 R2V has no image tokens)."""
     def place(a):
       if a is None or self.mesh is None:
         return None if a is None else jnp.asarray(a)
+      logical = ("batch",) + (None,) * (a.ndim - 1) if a.ndim else ()
       return jax.device_put(a, jax.sharding.NamedSharding(
-          self.mesh, sharding.logical_to_spec(("batch",) + (None,) * (a.ndim - 1), a.shape, self.mesh)))
+          self.mesh, sharding.logical_to_spec(logical, a.shape, self.mesh)))
     return tuple(place(a) for a in inputs)
 
   def _mesh_context(self):
@@ -500,14 +502,19 @@ class A2Pipeline:
                          sampling=sampling, noise=noise, progress=progress)
 
 
-def check_requests(requests: Sequence[Request]) -> None:
-  """A non-empty batch of requests with prompts and one reference count."""
+def check_prompts(requests: Sequence[Any], example: str) -> None:
+  """A non-empty batch of requests (`example` shows one), each with a prompt."""
   if not requests:
-    raise InputError("no requests: pass at least one Request(prompt, references, background)")
+    raise InputError(f"no requests: pass at least one {example}")
   for i, request in enumerate(requests):
     if not request.prompt or not request.prompt.strip():
       raise InputError(f"the prompt is empty{f' (request {i})' if len(requests) > 1 else ''}: "
                        "describe the video to generate")
+
+
+def check_requests(requests: Sequence[Request]) -> None:
+  """A non-empty batch of requests with prompts and one reference count."""
+  check_prompts(requests, "Request(prompt, references, background)")
   counts = [r.num_refs for r in requests]
   if len(set(counts)) > 1:
     other = next(i for i, c in enumerate(counts) if c != counts[0])

@@ -1,10 +1,14 @@
-"""A whole SkyReels-A2 or SkyReels-V3 R2V release folder (diffusers layout) → one a2jax folder.
+"""A whole SkyReels-A2, SkyReels-V3 R2V or SkyReels-V2 DF release folder (diffusers layout) → one
+a2jax folder.
 
 A2 layout: `model_index.json`, `transformer/`, `vae/`, `image_encoder/`, `image_processor/`,
 `text_encoder/`, `tokenizer/`, `scheduler/`. V3 R2V: the same without `image_encoder/` and
-`image_processor/`, its `transformer/config.json` naming `SkyReelsA2WanI2v3DModel`. Output:
+`image_processor/`, its `transformer/config.json` naming `SkyReelsA2WanI2v3DModel`. V2 DF (the
+`…-DF-…-Diffusers` folders): V3's layout, the transformer `SkyReelsV2Transformer3DModel`, the
+pipeline `SkyReelsV2DiffusionForcingPipeline`. Output:
 `config.yaml` (the family, every component's config and the family's sampling defaults: A2's from
-the release's scheduler, V3's those of its `generate_video`), the components as orbax checkpoints
+the release's scheduler, V3's those of its `generate_video`, V2 DF's diffusers' pipeline's with the
+scheduler's shift), the components as orbax checkpoints
 (`transformer/`, `vae/`, `umt5/`, A2 also `clip/`), and `tokenizer/`, `scheduler/` (A2 also
 `image_processor/`) copied as they are.
 """
@@ -26,21 +30,41 @@ SUBFOLDERS = {"transformer": "transformer", "vae": "vae", "clip": "image_encoder
               "umt5": "text_encoder"}
 COPIED = ("tokenizer", "image_processor", "scheduler")
 V3_TRANSFORMER_CLASS = "SkyReelsA2WanI2v3DModel"
+V2_TRANSFORMER_CLASS = "SkyReelsV2Transformer3DModel"
+FAMILY_NAMES = {"a2": "SkyReels-A2", "v3_r2v": "SkyReels-V3 R2V", "v2_df": "SkyReels-V2 DF"}
 # SkyReels-V3 R2V's generate_video: UniPC flow prediction at flow shift 5 (set in its code, whatever
 # the folder's scheduler says), 8 steps, guidance 1 and 1, negative prompt "", 5 s at 24 fps, 720P.
 V3_SAMPLING = configs.SamplingConfig(frames=121, height=720, width=1280, steps=8, guidance=1.0,
                                      image_guidance=1.0, shift=5.0, sampler="unipc", fps=24,
                                      negative_prompt="")
+# diffusers' SkyReelsV2DiffusionForcingPipeline: 97 frames at 544×960 in windows of 97, 50 steps,
+# guidance 6, 24 fps, negative prompt ""; flow shift and solver from the folder's scheduler.
+V2_DF_SAMPLING = dict(frames=97, height=544, width=960, steps=50, guidance=6.0, fps=24,
+                      negative_prompt="", base_frames=97)
 
 
 def family_of(src: pathlib.Path) -> str:
-  """"v3_r2v" when the release's transformer config names SkyReels-V3's R2V class, else "a2"."""
-  config = src / "transformer" / "config.json"
+  """The family of a release folder by its transformer's class: "v3_r2v" for SkyReels-V3's R2V
+  class, "v2_df" for SkyReels-V2's in a diffusion-forcing folder, else "a2"."""
+  name = read_json(src / "transformer" / "config.json").get("_class_name")
+  if name == V3_TRANSFORMER_CLASS:
+    return "v3_r2v"
+  if name == V2_TRANSFORMER_CLASS:
+    pipeline = read_json(src / "model_index.json").get("_class_name", "")
+    if "DiffusionForcing" not in pipeline:
+      raise ConversionError(f"{src} is a SkyReels-V2 {pipeline or 'non-diffusion-forcing'} folder; "
+                            "a2jax converts SkyReels-V2's diffusion-forcing folders (…-DF-…): "
+                            "convert one of those")
+    return "v2_df"
+  return "a2"
+
+
+def read_json(path: pathlib.Path) -> dict:
+  """A release config file, {} when absent."""
   try:
-    name = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else {}
   except ValueError:
-    raise ConversionError(f"{config} is not valid JSON: the release folder is damaged") from None
-  return "v3_r2v" if name == V3_TRANSFORMER_CLASS else "a2"
+    raise ConversionError(f"{path} is not valid JSON: the release folder is damaged") from None
 
 
 def check_compatible(cfg: configs.Config) -> None:
@@ -84,14 +108,19 @@ def convert_release(src, dst, *, dtype: str | None = None, force: bool = False,
   needed = [*subfolders.values(), "tokenizer", *(["image_processor"] if family == "a2" else [])]
   missing = [sub for sub in needed if not (src / sub).is_dir()]
   if missing:
-    what = "SkyReels-A2" if family == "a2" else "SkyReels-V3 R2V"
-    raise ConversionError(f"{src} is not a {what} release folder: it lacks {', '.join(missing)}/")
+    raise ConversionError(f"{src} is not a {FAMILY_NAMES[family]} release folder: it lacks "
+                          f"{', '.join(missing)}/")
   # Configs first, so that an incompatible release fails before anything is written.
   sections = {name: component_config(component_module(name), src / sub, None, [])
               for name, sub in subfolders.items()}
   if dtype is not None:
     sections = {n: dataclasses.replace(c, param_dtype=dtype) for n, c in sections.items()}
-  sampling = sampling_from_scheduler(src) if family == "a2" else V3_SAMPLING
+  sampling = {"a2": lambda: sampling_from_scheduler(src), "v3_r2v": lambda: V3_SAMPLING,
+              "v2_df": lambda: dataclasses.replace(sampling_from_scheduler(src), **V2_DF_SAMPLING)
+              }[family]()
+  if family == "v2_df":  # diffusers' default causal block: the transformer's
+    sampling = dataclasses.replace(
+        sampling, causal_block_size=sections["transformer"].num_frame_per_block)
   cfg = configs.Config(family=family, **sections, sampling=sampling)
   check_compatible(cfg)
 

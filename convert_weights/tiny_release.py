@@ -1,14 +1,15 @@
-"""A tiny random SkyReels-A2 (or SkyReels-V3 R2V) release folder in the release's own (diffusers)
-layout, built with the PyTorch reference classes: for tests, `make demo` and trying the converter
-without the 14B weights.
+"""A tiny random SkyReels-A2, SkyReels-V3 R2V or SkyReels-V2 DF release folder in the release's own
+(diffusers) layout, built with the PyTorch reference classes: for tests, `make demo` and trying the
+converter without the 14B weights.
 
-`python -m convert_weights.tiny_release --dst DIR [--seed 0] [--family a2|v3_r2v]` writes
+`python -m convert_weights.tiny_release --dst DIR [--seed 0] [--family a2|v3_r2v|v2_df]` writes
 `model_index.json`, `transformer/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` and, for
 A2, `image_encoder/` and `image_processor/`, all with `save_pretrained`. A V3 R2V transformer is
 diffusers' `WanTransformer3DModel` without the image branch, its config naming the release's class
-`SkyReelsA2WanI2v3DModel` (whose weights and forward it equals). Every weight is random (seeded):
-the video it samples is noise-like; it proves the plumbing, not the model. Needs the `test` extra
-(torch, diffusers).
+`SkyReelsA2WanI2v3DModel` (whose weights and forward it equals); a V2 DF one is diffusers'
+`SkyReelsV2Transformer3DModel` with the fps embedding, as the `…-DF-…-Diffusers` folders hold.
+Every weight is random (seeded): the video it samples is noise-like; it proves the plumbing, not
+the model. Needs the `test` extra (torch, diffusers).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ UMT5 = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decod
 V3_TRANSFORMER = {**{k: v for k, v in TRANSFORMER.items() if k not in ("image_dim", "added_kv_proj_dim")},
                   "in_channels": 16}
 V3_TRANSFORMER_CLASS = "SkyReelsA2WanI2v3DModel"
+PIPELINE_CLASSES = {"a2": "SkyReelsA2Pipeline", "v3_r2v": "WanSkyReelsA2WanT2VPipeline",
+                    "v2_df": "SkyReelsV2DiffusionForcingPipeline"}
+# SkyReels-V2 diffusion forcing: the V3-like text-to-video layout with the fps embedding.
+DF_TRANSFORMER = {**V3_TRANSFORMER, "inject_sample_info": True}
 SCHEDULER = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
                  flow_shift=8.0, solver_order=2, predict_x0=True, solver_type="bh2",
                  lower_order_final=True)
@@ -71,16 +76,20 @@ def build_tokenizer(folder: pathlib.Path, vocab_size: int, sentences=TOKENIZER_S
 
 
 def build(dst: str | pathlib.Path, seed: int = 0, family: str = "a2") -> pathlib.Path:
-  """Writes the tiny release folder of `family` ("a2" | "v3_r2v"); returns its path."""
+  """Writes the tiny release folder of `family` ("a2" | "v3_r2v" | "v2_df"); returns its path."""
   import torch
   import transformers
-  from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+  from diffusers import (AutoencoderKLWan, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler,
+                         WanTransformer3DModel)
 
   dst = pathlib.Path(dst)
   dst.mkdir(parents=True, exist_ok=True)
   torch.manual_seed(seed)
-  v3 = family == "v3_r2v"
-  transformer = WanTransformer3DModel(**(V3_TRANSFORMER if v3 else TRANSFORMER)).eval()
+  v3, df = family == "v3_r2v", family == "v2_df"
+  if df:
+    transformer = SkyReelsV2Transformer3DModel(**DF_TRANSFORMER).eval()
+  else:
+    transformer = WanTransformer3DModel(**(V3_TRANSFORMER if v3 else TRANSFORMER)).eval()
   randomize_(transformer, seed)
   transformer.save_pretrained(dst / "transformer", max_shard_size="200KB")
   if v3:  # the release's class name (its weights and forward are diffusers')
@@ -90,9 +99,9 @@ def build(dst: str | pathlib.Path, seed: int = 0, family: str = "a2") -> pathlib
   vae = AutoencoderKLWan(**VAE).eval()
   randomize_(vae, seed + 1, scale=0.1)
   vae.save_pretrained(dst / "vae")
-  index = {"transformer": ["diffusers", V3_TRANSFORMER_CLASS if v3 else "WanTransformer3DModel"],
+  index = {"transformer": ["diffusers", type(transformer).__name__ if not v3 else V3_TRANSFORMER_CLASS],
            "vae": ["diffusers", "AutoencoderKLWan"]}
-  if not v3:
+  if family == "a2":
     clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP)).eval()
     randomize_(clip, seed + 2)
     clip.save_pretrained(dst / "image_encoder")
@@ -105,7 +114,7 @@ def build(dst: str | pathlib.Path, seed: int = 0, family: str = "a2") -> pathlib
   build_tokenizer(dst / "tokenizer", UMT5["vocab_size"])
   UniPCMultistepScheduler(**SCHEDULER).save_pretrained(dst / "scheduler")
   (dst / "model_index.json").write_text(json.dumps({
-      "_class_name": "WanSkyReelsA2WanT2VPipeline" if v3 else "SkyReelsA2Pipeline", **index,
+      "_class_name": PIPELINE_CLASSES[family], **index,
       "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
       "scheduler": ["diffusers", "UniPCMultistepScheduler"]}, indent=2))
   return dst
@@ -136,8 +145,9 @@ def main(argv=None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--dst", required=True)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--family", choices=("a2", "v3_r2v"), default="a2",
-                 help="a2 (SkyReels-A2) or v3_r2v (SkyReels-V3 reference-to-video)")
+  p.add_argument("--family", choices=tuple(PIPELINE_CLASSES), default="a2",
+                 help="a2 (SkyReels-A2), v3_r2v (SkyReels-V3 reference-to-video) or v2_df "
+                 "(SkyReels-V2 diffusion forcing)")
   p.add_argument("--examples", default=None, help="also write three example reference pictures here")
   args = p.parse_args(argv)
   build(args.dst, args.seed, args.family)

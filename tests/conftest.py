@@ -26,6 +26,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import a2jax  # noqa: E402,F401  before jax: chooses the backends as every entry point does
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from release_util import tiny_converted_release  # noqa: E402
 
 jax.config.update("jax_enable_compilation_cache", False)
 
@@ -56,10 +57,5 @@ def _torch_threads():
 
 @pytest.fixture(scope="session")
 def release(tmp_path_factory):
-  """(tiny random release folder in the release's layout, its conversion by convert_weights)."""
-  from convert_weights import tiny_release
-  from convert_weights.release import convert_release
-  root = tmp_path_factory.mktemp("a2")
-  src = tiny_release.build(root / "release", seed=0)
-  convert_release(src, root / "converted", progress=False)
-  return src, root / "converted"
+  """The SkyReels-A2 `tiny_converted_release`."""
+  return tiny_converted_release(tmp_path_factory, "a2")

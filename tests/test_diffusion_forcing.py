@@ -26,6 +26,7 @@ from a2jax.pipeline import to_uint8
 from convert_weights import transformer as convert_transformer
 from convert_weights import tiny_release
 from convert_weights import vae as convert_vae
+from df_reference import decode_torch, patch_reference_noise
 from parity import randomize_torch_, rel_l2_err, state_dict_numpy
 
 LATENT_TOL = 1e-4    # relative L2 of the whole video's final latents
@@ -77,39 +78,17 @@ def a2jax_latents(t_cfg, params, case, noise_keys, text, negative, first_frame=N
   windows = df.plan(case["frames"], case["base_frames"], case["overlap_history"],
                     case["causal_block"], first_frame=first_frame is not None)
   fps_index = np.full((1,), df.fps_index(case["fps"]), np.int32)
-  history_keys = addnoise_keys()
+  history_keys = jax.random.key_data(addnoise_keys())
 
   def run_window(window, index, latents):
-    fn = df.window_fn(t_cfg, sched, window, index, ar_step=case["ar_step"],
+    fn = df.window_fn(t_cfg, sched, window, ar_step=case["ar_step"],
                       causal_block=case["causal_block"], guidance=5.0,
                       addnoise_condition=case["addnoise"])
-    return jax.jit(fn)(params, latents, text, negative, fps_index, history_keys)
+    return jax.jit(fn)(params, latents, text, negative, fps_index, history_keys,
+                       np.int32(index))
 
   latent_shape = (HEIGHT // 8, WIDTH // 8, 16)
   return df.sample_latents(run_window, windows, noise_keys, latent_shape, first_frame), windows
-
-
-def patch_reference_noise(monkeypatch, module, windows, noise_keys, latent_shape):
-  """The reference draws its window noise with `randn_tensor` and the history re-noising with
-  `torch.randn_like`, in call order: answer both with a2jax's draws (torch layout B, C, f, h, w)."""
-  window_draws = iter(range(len(windows)))
-  history_calls = {"window": 0, "row": 0}
-
-  def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
-    index = next(window_draws)
-    history_calls.update(window=index, row=0)
-    noise = df.window_noise(noise_keys, index, (windows[index].frames, *latent_shape))
-    return torch.from_numpy(np.asarray(noise).transpose(0, 4, 1, 2, 3).copy())
-
-  def randn_like(x, **_):
-    row = history_calls["row"]
-    history_calls["row"] += 1
-    noise = df.history_noise(addnoise_keys(), history_calls["window"],
-                             jnp.asarray(row), (x.shape[2], x.shape[3], x.shape[4], x.shape[1]))
-    return torch.from_numpy(np.asarray(noise).transpose(0, 4, 1, 2, 3).copy()).to(x.dtype)
-
-  monkeypatch.setattr(module, "randn_tensor", randn_tensor)
-  monkeypatch.setattr(torch, "randn_like", randn_like)
 
 
 def reference_pipeline(cls, transformer, vae):
@@ -117,15 +96,6 @@ def reference_pipeline(cls, transformer, vae):
                                       flow_shift=SHIFT, num_train_timesteps=1000)
   transformer.register_to_config(num_frame_per_block=1)  # each case sets its own
   return cls(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)
-
-
-def decode_torch(vae, latents):
-  """The reference pipeline's decode of normalised latents (B, C, f, h, w) → uint8 (B, F, H, W, 3)."""
-  mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-  std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-  with torch.no_grad():
-    video = vae.decode(latents / std + mean, return_dict=False)[0]
-  return np.asarray(to_uint8(video.numpy().transpose(0, 2, 3, 4, 1)))
 
 
 def decode_a2jax(v_cfg, params, latents):
@@ -144,7 +114,7 @@ def test_text_to_video_matches_diffusers(models, monkeypatch, name):
   got, windows = a2jax_latents(t_cfg, params, case, noise_keys, text, negative)
   assert len(windows) >= 3
 
-  patch_reference_noise(monkeypatch, t2v_module, windows, noise_keys, (HEIGHT // 8, WIDTH // 8, 16))
+  patch_reference_noise(monkeypatch, t2v_module, windows, noise_keys, addnoise_keys(), (HEIGHT // 8, WIDTH // 8, 16))
   pipe = reference_pipeline(SkyReelsV2DiffusionForcingPipeline, transformer, vae)
   want = pipe(prompt=None, prompt_embeds=torch.from_numpy(text),
               negative_prompt_embeds=torch.from_numpy(negative),
@@ -178,7 +148,7 @@ def test_image_to_video_matches_diffusers(models, monkeypatch):
   got, windows = a2jax_latents(t_cfg, params, case, noise_keys, text, negative, first_frame=first)
   assert windows[0].prefix == 1
 
-  patch_reference_noise(monkeypatch, i2v_module, windows, noise_keys, (HEIGHT // 8, WIDTH // 8, 16))
+  patch_reference_noise(monkeypatch, i2v_module, windows, noise_keys, addnoise_keys(), (HEIGHT // 8, WIDTH // 8, 16))
   pipe = reference_pipeline(SkyReelsV2DiffusionForcingImageToVideoPipeline, transformer, vae)
   want = pipe(image=PIL.Image.fromarray(pixels),
               prompt_embeds=torch.from_numpy(text), negative_prompt_embeds=torch.from_numpy(negative),

@@ -21,9 +21,11 @@ LAYERS = (
     ("a2jax.models",),
     # what sampling and training share above the models
     ("a2jax.checkpoints", "a2jax.preprocess", "a2jax.conditioning", "a2jax.conditioning_v3",
-     "a2jax.families", "a2jax.schedulers", "a2jax.step_cache", "a2jax.diffusion_forcing",
-     "a2jax.text"),
+     "a2jax.guidance", "a2jax.families", "a2jax.schedulers", "a2jax.step_cache",
+     "a2jax.diffusion_forcing", "a2jax.text"),
     ("a2jax.pipeline",),
+    # long video from diffusion-forcing folders, on the pipeline's components
+    ("a2jax.long_video",),
     ("a2jax.data",),
     ("a2jax.train",),
     ("a2jax.eval",),

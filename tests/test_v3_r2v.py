@@ -15,6 +15,7 @@ from a2jax.errors import ConfigError, InputError
 from a2jax.pipeline import A2Pipeline, video_to_uint8
 from convert_weights.reference import TorchV3R2V, fit_reference_like_release
 from parity import rel_l2_err
+from release_util import tiny_converted_release
 
 LATENT_TOL = 1e-4        # relative L2 of the final latents, float32
 PIXEL_TOL = 2 / 255      # max |Δ| of decoded frames in [0, 1], float32
@@ -25,12 +26,7 @@ PROMPT = "A man is holding a teddy bear in the forest."
 
 @pytest.fixture(scope="module")
 def release_v3(tmp_path_factory):
-  from convert_weights import tiny_release
-  from convert_weights.release import convert_release
-  root = tmp_path_factory.mktemp("v3")
-  src = tiny_release.build(root / "release", seed=0, family="v3_r2v")
-  convert_release(src, root / "converted", progress=False)
-  return src, root / "converted"
+  return tiny_converted_release(tmp_path_factory, "v3_r2v")
 
 
 @pytest.fixture(scope="module")

@@ -135,6 +135,7 @@ class Encoder:
                   **kwargs) -> "Encoder":
     folder = pathlib.Path(folder)
     cfg = checkpoints.read_config(folder, overrides)
+    families.require_references(cfg, str(folder))
     family = families.of(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     params = {name: checkpoints.load_component(folder, name, getattr(cfg, name), mesh)

@@ -1,0 +1,196 @@
+"""Long video from a SkyReels-V2 diffusion-forcing folder (family `v2_df`): a prompt, and for
+image-to-video a first frame, → a video of any length, window by window (a2jax.diffusion_forcing),
+the frames decoded one latent frame at a time so that they can be written as they come.
+
+```python
+pipe = DiffusionForcingPipeline.from_folder("a2jax-v2-df", mesh=sharding.make_mesh(cfg.mesh))
+sampling = dataclasses.replace(pipe.cfg.sampling, frames=257, overlap_history=17,
+                               addnoise_condition=20)
+latents = pipe.latents([VideoRequest("A cat walks along a wall.", seed=1)], sampling)
+video.write_mp4("cat.mp4", (chunk[0] for chunk in pipe.decode_stream(latents)), sampling.fps)
+```
+
+Stages: text (umT5, prompt and negative prompt in one batch) · first frame (image-to-video: the
+VAE latent of the image resized to the video, as diffusers' pipeline makes it) · windows (one
+compiled program per window shape; history kept as latents on the host) · streamed VAE decode.
+Shapes: B videos, f latent frames of the whole video, h / w latent height / width, z latent channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+import tqdm
+
+from a2jax import diffusion_forcing as df
+from a2jax import pipeline, preprocess, schedulers
+from a2jax.configs import SamplingConfig
+from a2jax.errors import CheckpointError, InputError
+from a2jax.models import lora
+from a2jax.models.vae import WanVAE, normalize_latents
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoRequest:
+  """One video: `image` the first frame for image-to-video (uint8 HWC, any of RGB, RGBA,
+  grayscale) or None for text-to-video; `negative_prompt` None: the sampling config's, else "";
+  `seed` None: the sampling config's."""
+
+  prompt: str
+  image: np.ndarray | None = None
+  negative_prompt: str | None = None
+  seed: int | None = None
+
+
+def first_frame_pixels(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """An image → the first frame (H, W, 3) float32 in [−1, 1]: RGB, resized to the video with
+  Lanczos, as diffusers' VideoProcessor does (no crop: the aspect ratio follows the video)."""
+  rgb = PIL.Image.fromarray(preprocess.to_rgb(image))
+  if rgb.size != (width, height):
+    rgb = rgb.resize((width, height), resample=PIL.Image.LANCZOS)
+  return 2.0 * (np.asarray(rgb, np.float32) / 255.0) - 1.0
+
+
+class DiffusionForcingPipeline:
+  """A SkyReels-V2 DF folder's components on one mesh (an `A2Pipeline` of family v2_df, whose text
+  encoding, compiled-program cache and streamed decode it uses) and the window sampler."""
+
+  def __init__(self, base: pipeline.A2Pipeline):
+    if base.family.name != "v2_df":
+      raise CheckpointError(f"a {base.family.name} folder is an elements-to-video model: sample it "
+                            "with A2Pipeline; DiffusionForcingPipeline takes a SkyReels-V2 DF folder")
+    self.base, self.cfg = base, base.cfg
+    self._bar: tqdm.tqdm | None = None
+
+  @classmethod
+  def from_folder(cls, folder: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
+                  overrides: Sequence[str] = (),
+                  loras: Sequence[lora.LoadedLoRA] = ()) -> "DiffusionForcingPipeline":
+    """Loads a converted DF folder (`python -m convert_weights release`) as `A2Pipeline.from_folder`
+    does, LoRAs merged."""
+    return cls(pipeline.A2Pipeline.from_folder(folder, mesh, overrides, loras))
+
+  @property
+  def compile_seconds(self) -> float:
+    return self.base.compile_seconds
+
+  def first_frames(self, images: Sequence[np.ndarray], height: int, width: int) -> jax.Array:
+    """Images → normalised latents (B, 1, h, w, z) of the first frames (the VAE posterior's mean,
+    as the reference takes it)."""
+    pixels = np.stack([first_frame_pixels(im, height, width) for im in images])[:, None]
+    vae = WanVAE(self.cfg.vae)
+    mean, _ = self.base._run("vae_encode", lambda p, v: vae.apply({"params": p}, v, method=vae.encode),
+                             self.base.params["vae"], pixels)
+    return normalize_latents(mean, self.cfg.vae)
+
+  def latents(self, requests: Sequence[VideoRequest], sampling: SamplingConfig | None = None, *,
+              progress: bool | Callable[[int, int], None] = True,
+              timings: dict[str, float] | None = None) -> np.ndarray:
+    """The videos' normalised latents (B, f, h, w, z) on the host: row b is what request b alone
+    gives (its seed draws its window noise and its history re-noising). All requests are
+    text-to-video or all image-to-video. `progress`: True shows a bar over the rows of every
+    window (process 0); a callable gets (rows done, total rows). `timings` receives the seconds
+    of encode_text, encode_image and denoise (compiles apart, under "compile")."""
+    sampling = sampling or self.cfg.sampling
+    check_requests(requests)
+    self.base.family.check(sampling, 0)
+    with_image = requests[0].image is not None
+    windows = df.plan(sampling.frames, sampling.base_frames, sampling.overlap_history,
+                      sampling.causal_block_size, first_frame=with_image)
+    default = "" if sampling.negative_prompt is None else sampling.negative_prompt
+    text, negative = self.base._stage(timings, "encode_text", lambda: self.base.encode_text(
+        [r.prompt for r in requests],
+        [default if r.negative_prompt is None else r.negative_prompt for r in requests]))
+    first = None
+    if with_image:
+      first = self.base._stage(timings, "encode_image", lambda: pipeline.fetch(self.first_frames(
+          [r.image for r in requests], sampling.height, sampling.width)))
+    seeds = [sampling.seed if r.seed is None else r.seed for r in requests]
+    noise_keys, history_keys = seed_keys(seeds)
+    fps = np.full((len(requests),), df.fps_index(sampling.fps), np.int32)
+    sched = schedulers.for_sampling(sampling)
+    rows = [df.num_rows(w, sched.timesteps, sampling.ar_step, sampling.causal_block_size)
+            for w in windows]
+
+    def run_window(window: df.Window, index: int, latents: jax.Array) -> np.ndarray:
+      program = df.window_fn(self.cfg.transformer, sched, window, ar_step=sampling.ar_step,
+                             causal_block=sampling.causal_block_size, guidance=sampling.guidance,
+                             addnoise_condition=sampling.addnoise_condition,
+                             on_row=self._report_row)
+      name = ("df_window", window, *window_program_key(sampling))
+      params = self.base.params["transformer"]
+      executable, inputs = self.base._compiled(name, program, params, latents, text, negative, fps,
+                                               history_keys, np.int32(index))
+      self._rows_before = sum(rows[:index])
+      return pipeline.fetch(jax.block_until_ready(executable(params, *inputs)))
+
+    latent_shape = (sampling.height // self.cfg.vae.scale_factor_spatial,
+                    sampling.width // self.cfg.vae.scale_factor_spatial, self.cfg.vae.z_dim)
+    self._start_progress(progress, sum(rows))
+    try:
+      return self.base._stage(timings, "denoise", lambda: df.sample_latents(
+          run_window, windows, noise_keys, latent_shape, first))
+    finally:
+      jax.effects_barrier()  # the last progress callbacks
+      self._bar.close()
+      self._bar = None
+
+  def decode_stream(self, latents: np.ndarray | jax.Array) -> Iterator[np.ndarray]:
+    """Normalised latents (B, f, h, w, z) → uint8 chunks (B, 1 then 4 frames, H, W, 3), one latent
+    frame at a time, constant memory whatever the length (`A2Pipeline.decode_stream`)."""
+    return self.base.decode_stream(latents)
+
+  def generate(self, requests: Sequence[VideoRequest], *, sampling: SamplingConfig | None = None,
+               progress: bool | Callable[[int, int], None] = True) -> pipeline.Result:
+    """`latents`, then every frame decoded into one array (uint8 (B, F, H, W, 3)): for videos that
+    fit in host memory; stream long ones with `decode_stream`."""
+    timings = {"compile": 0.0}
+    latents = self.latents(requests, sampling, progress=progress, timings=timings)
+    frames = self.base._stage(timings, "decode", lambda: np.concatenate(
+        list(self.decode_stream(latents)), axis=1))
+    return pipeline.Result(frames, latents, timings)
+
+  def _start_progress(self, progress, total: int) -> None:
+    self._bar = tqdm.tqdm(total=total, desc="denoise", unit="row", leave=False,
+                          disable=progress is not True or jax.process_index() != 0)
+    self._on_progress = progress if callable(progress) else None
+    self._rows_before, self._rows_done = 0, 0
+
+  def _report_row(self, r) -> None:
+    """Progress from inside a window's compiled loop (row r of the window); may run once per
+    device, so it only moves forward."""
+    done = self._rows_before + int(r) + 1
+    if self._bar is not None and done > self._rows_done:
+      self._bar.update(done - self._rows_done)
+      self._rows_done = done
+      if self._on_progress is not None:
+        self._on_progress(done, self._bar.total)
+
+
+def seed_keys(seeds: Sequence[int]) -> tuple[jax.Array, np.ndarray]:
+  """(window-noise keys (B,) PRNG keys, history re-noising keys (B, 2) uint32 key data): two keys
+  split from each row's seed."""
+  keys = [jax.random.split(jax.random.key(s)) for s in seeds]
+  return (jnp.stack([k[0] for k in keys]),
+          np.stack([np.asarray(jax.random.key_data(k[1])) for k in keys]))
+
+
+def window_program_key(sampling: SamplingConfig) -> tuple:
+  """The sampling fields that change a window's program (the window's shape apart)."""
+  return (sampling.steps, sampling.shift, sampling.sampler, sampling.guidance, sampling.ar_step,
+          sampling.causal_block_size, sampling.addnoise_condition)
+
+
+def check_requests(requests: Sequence[VideoRequest]) -> None:
+  """A non-empty batch with prompts, all with a first frame or all without."""
+  pipeline.check_prompts(requests, "VideoRequest(prompt)")
+  with_image = [r.image is not None for r in requests]
+  if len(set(with_image)) > 1:
+    raise InputError(f"request {with_image.index(not with_image[0])} and request 0 differ in "
+                     "having a first frame: one batch is all text-to-video or all image-to-video")
