@@ -16,7 +16,9 @@ One compile per process (a compiler keeps its caches): tests call the CLI in a s
     python -m a2jax.aot --program train_step --preset a2_14b_train --target tpu:v5p:2x2x1 \
         --mesh fsdp=4 --batch 4 [train.moments_dtype=float32]
 which prints one JSON line {"compile_s", "peak_bytes", "flops", ...}, or {"error": ...} with exit
-status 1 when the compiler refuses the program.
+status 1 when the compiler refuses the program. `--program df_window` (SkyReels-V2 diffusion
+forcing, preset v2_df_14b) compiles one window with all its denoising rows, and with
+`--video-frames N --overlap-history H` each distinct window of an N-frame video, in one process.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -43,6 +46,8 @@ from a2jax.errors import ConfigError
 GIB = 1024**3
 # XLA GPU device specs (from openxla/xla, Apache-2.0): what the CUDA plugin compiles for without a GPU.
 GPU_SPEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_specs")
+GRID = ("batch", "frames", "height", "width", "channels")  # logical axes of latents (B, f, h, w, z)
+CONTEXT = ("batch", "context_tokens", "act_embed")          # of text / image tokens (B, T, D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,13 +137,11 @@ def transformer_args(cfg: TransformerConfig, mesh, video: VideoShape) -> tuple[A
   b, (f, h, w) = video.batch, video.latent_grid
   dtype = jnp.dtype(cfg.dtype)
   x = abstract_array((b, f + video.reference_frames, h, w, cfg.in_channels), jnp.float32,
-                     ("batch", "frames", "height", "width", "channels"), mesh)
+                     GRID, mesh)
   t = abstract_array((b,), jnp.float32, ("batch",), mesh)
-  text = abstract_array((b, video.text_len, cfg.text_dim), dtype,
-                        ("batch", "context_tokens", "act_embed"), mesh)
+  text = abstract_array((b, video.text_len, cfg.text_dim), dtype, CONTEXT, mesh)
   image = (None if cfg.image_dim is None else
-           abstract_array((b, video.image_len, cfg.image_dim), dtype,
-                          ("batch", "context_tokens", "act_embed"), mesh))
+           abstract_array((b, video.image_len, cfg.image_dim), dtype, CONTEXT, mesh))
   return params, x, t, text, image
 
 
@@ -215,22 +218,24 @@ def for_family(video: VideoShape, cfg: configs.Config) -> VideoShape:
                              image_len=video.image_len if cfg.transformer.image_dim else 0)
 
 
-def sampling_step_args(cfg: configs.Config, mesh, video: VideoShape) -> tuple[Any, ...]:
-  """(params, noise, text, negative_text, image, condition) of `pipeline.denoise_fn` for one video
-  (its guidance branches are the batch inside), as sharded ShapeDtypeStructs; image None and
-  condition the reference frames for V3 R2V (`families.condition_shape`)."""
-  from a2jax import families
+def video_args(cfg: configs.Config, mesh, video: VideoShape) -> tuple[Any, ...]:
+  """(params, latents (1, f, h, w, z) float32, text, negative_text (1, T, text_dim) in the compute
+  dtype, image (1, I, image_dim) | None) of one video's denoising (its guidance branches are the
+  batch inside), as sharded ShapeDtypeStructs."""
   t = cfg.transformer
   params, *_, image = transformer_args(t, mesh, dataclasses.replace(video, batch=1))
   (f, h, w), z = video.latent_grid, cfg.vae.z_dim
-  dtype = jnp.dtype(t.dtype)
-  grid = ("batch", "frames", "height", "width", "channels")
-  context = ("batch", "context_tokens", "act_embed")
+  text = abstract_array((1, video.text_len, t.text_dim), jnp.dtype(t.dtype), CONTEXT, mesh)
+  return params, abstract_array((1, f, h, w, z), jnp.float32, GRID, mesh), text, text, image
+
+
+def sampling_step_args(cfg: configs.Config, mesh, video: VideoShape) -> tuple[Any, ...]:
+  """(params, noise, text, negative_text, image, condition) of `pipeline.denoise_fn` for one video
+  (`video_args`); condition the reference frames for V3 R2V (`families.condition_shape`)."""
+  from a2jax import families
+  (f, h, w), z = video.latent_grid, cfg.vae.z_dim
   condition = families.of(cfg).condition_shape(f, h, w, z)
-  return (params, abstract_array((1, f, h, w, z), jnp.float32, grid, mesh),
-          abstract_array((1, video.text_len, t.text_dim), dtype, context, mesh),
-          abstract_array((1, video.text_len, t.text_dim), dtype, context, mesh),
-          image, abstract_array((1, *condition), jnp.float32, grid, mesh))
+  return (*video_args(cfg, mesh, video), abstract_array((1, *condition), jnp.float32, GRID, mesh))
 
 
 def compile_sampling_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence[str] = (),
@@ -254,6 +259,80 @@ def compile_sampling_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence
                 flops_per_sample=flops["total"], program="sampling_step",
                 peak_gib=round(result["peak_bytes"] / GIB, 2))
   return result
+
+
+def df_window_args(cfg: configs.Config, mesh, video: VideoShape) -> tuple[Any, ...]:
+  """(params, latents (1, f, h, w, z) float32, text, negative_text (1, T, text_dim), fps_index (1,)
+  int32, history_keys (1, 2) uint32, window_index () int32) of `diffusion_forcing.window_fn` for
+  one video whose window is `video`, as sharded ShapeDtypeStructs."""
+  params, latents, text, negative_text, _ = video_args(cfg, mesh, video)
+  return (params, latents, text, negative_text,
+          abstract_array((1,), jnp.int32, ("batch",), mesh),
+          abstract_array((1, 2), jnp.uint32, ("batch", None), mesh),
+          abstract_array((), jnp.int32, (), mesh))
+
+
+def sampling_window(sampling: configs.SamplingConfig) -> VideoShape:
+  """The window of a DF sampling config: base_frames (else frames) × height × width."""
+  return VideoShape(frames=sampling.base_frames or sampling.frames, height=sampling.height,
+                    width=sampling.width)
+
+
+def compile_df_window(target: str, mesh_cfg: MeshConfig, overrides: Sequence[str] = (),
+                      video: VideoShape | None = None, preset: str = "v2_df_14b",
+                      video_frames: int | None = None) -> dict[str, Any]:
+  """Compiles the diffusion-forcing program of one window of `video.frames` × height × width
+  (default: the config's `sampling_window`) for one video (`diffusion_forcing.window_fn`: every
+  row of the window's timestep matrix in one `lax.scan`, each row the guidance branches through
+  the block-causal DiT and the per-frame UniPC updates) for `target`. The DF settings are the
+  config's sampling (causal_block_size, ar_step, addnoise_condition, steps, guidance, shift).
+
+  With `video_frames`, the windows of a video that long chained by sampling.overlap_history
+  (`diffusion_forcing.plan`, windows of `video.frames`): windows of equal (latent frames, history
+  prefix) share a program, so each distinct shape compiles once. Returns the mesh, the target,
+  "windows" (per distinct shape, in plan order: latent frames, prefix, how many windows of the plan
+  it serves, scan rows, tokens and compile_program's measurements), "peak_bytes" the largest of
+  their peaks (what the whole video needs on a chip: the windows run one after another) and
+  "compile_s" / "lower_s" their sums.
+  """
+  from a2jax import diffusion_forcing as df, families, schedulers
+  cfg = configs.load(preset, overrides=list(overrides))
+  if cfg.family != "v2_df":
+    raise ConfigError(f"preset {preset!r} is family {cfg.family!r}: the df_window program compiles "
+                      "a SkyReels-V2 diffusion-forcing model (--preset v2_df_14b)")
+  s = cfg.sampling
+  video = sampling_window(s) if video is None else video
+  windows = df.plan(video_frames or video.frames, video.frames, s.overlap_history,
+                    s.causal_block_size)
+  sched = schedulers.for_sampling(s)
+  devices = target_devices(target)
+  mesh = sharding.make_mesh(mesh_cfg, devices)
+  shapes: dict[tuple[int, int], list[df.Window]] = {}
+  for window in windows:
+    shapes.setdefault((window.frames, window.prefix), []).append(window)
+  measured = []
+  for (frames, prefix), group in shapes.items():
+    shape = dataclasses.replace(video, frames=(frames - 1) * video.vae_stride[0] + 1)  # in pixels
+    run = df.window_fn(cfg.transformer, sched, group[0], ar_step=s.ar_step,
+                       causal_block=s.causal_block_size, guidance=s.guidance,
+                       addnoise_condition=s.addnoise_condition)
+    result = compile_program(run, df_window_args(cfg, mesh, shape), mesh)
+    rows = len(df.timestep_matrix(frames, sched.timesteps, s.ar_step, prefix,
+                                  s.causal_block_size)[0])
+    measured.append({"latent_frames": frames, "prefix": prefix, "windows": len(group), "rows": rows,
+                     "tokens": int(transformer_flops(cfg.transformer, shape)["tokens"]), **result,
+                     "peak_gib": round(result["peak_bytes"] / GIB, 2)})
+  peak = max(m["peak_bytes"] for m in measured)
+  return {"program": "df_window", "target": target, "device_kind": devices[0].device_kind,
+          "mesh": dict(mesh.shape), "attention": cfg.transformer.attention,
+          "frames": video.frames, "height": video.height, "width": video.width,
+          "video_frames": video_frames or video.frames, "overlap_history": s.overlap_history,
+          "plan_windows": len(windows), "causal_block": s.causal_block_size, "ar_step": s.ar_step,
+          "steps": s.steps, "branches": families.of(cfg).branches(s),
+          "tokens": measured[0]["tokens"],
+          "compile_s": round(sum(m["compile_s"] for m in measured), 2),
+          "lower_s": round(sum(m["lower_s"] for m in measured), 2),
+          "peak_bytes": peak, "peak_gib": round(peak / GIB, 2), "windows": measured}
 
 
 def train_step_args(cfg: configs.Config, mesh, video: VideoShape):
@@ -319,6 +398,10 @@ def compile_train_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence[st
 # CLI: one compile per process, one JSON line out.
 
 
+PROGRAMS = {"forward": compile_transformer, "sampling_step": compile_sampling_step,
+            "train_step": compile_train_step, "df_window": compile_df_window}
+
+
 def mesh_arg(text: str) -> MeshConfig:
   """`fsdp=4,context=2` → MeshConfig."""
   sizes = {}
@@ -337,19 +420,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "counts 2 TensorCores per chip), tpu:v6e:2x4 (a v6e-8); or cuda:1x8")
   parser.add_argument("--mesh", type=mesh_arg, default=MeshConfig(), help="e.g. fsdp=2,context=4")
   parser.add_argument("--attention", choices=("xla", "cudnn", "splash"), default=None)
-  parser.add_argument("--preset", default="a2_14b")
-  parser.add_argument("--program", choices=("forward", "sampling_step", "train_step"),
-                      default="forward", help="the transformer forward on a CFG batch, one whole "
-                      "sampling step, or the training step (use --preset a2_14b_train, or "
-                      "a2_14b_lora for the LoRA step)")
-  parser.add_argument("--frames", type=int, default=VideoShape.frames)
-  parser.add_argument("--height", type=int, default=VideoShape.height)
-  parser.add_argument("--width", type=int, default=VideoShape.width)
+  parser.add_argument("--preset", default=None, help="default a2_14b, for df_window v2_df_14b")
+  parser.add_argument("--program", choices=tuple(PROGRAMS), default="forward",
+                      help="the transformer forward on a CFG batch, one whole sampling step, the "
+                      "training step (use --preset a2_14b_train, or a2_14b_lora for the LoRA "
+                      "step), or one diffusion-forcing window with all its steps")
+  parser.add_argument("--frames", type=int, default=None,
+                      help=f"default {VideoShape.frames}; df_window: the window, default the "
+                      "preset's base_frames")
+  parser.add_argument("--height", type=int, default=None, help=f"default {VideoShape.height}; "
+                      "df_window: the preset's")
+  parser.add_argument("--width", type=int, default=None, help=f"default {VideoShape.width}; "
+                      "df_window: the preset's")
   parser.add_argument("--batch", type=int, default=VideoShape.batch)
   parser.add_argument("--refs", type=int, default=3, help="reference images (257 CLIP tokens each)")
+  df_group = parser.add_argument_group("df_window (sampling.* overrides; default the preset's)")
+  df_group.add_argument("--causal-block", type=int, help="latent frames per causal block")
+  df_group.add_argument("--ar-step", type=int, help="rows between the starts of two causal blocks")
+  df_group.add_argument("--video-frames", type=int, help="compile every distinct window of a "
+                        "video this long, chained by --overlap-history frames of history")
+  df_group.add_argument("--overlap-history", type=int)
   parser.add_argument("overrides", nargs="*", help="section.key=value config overrides, e.g. "
                       "train.moments_dtype=float32")
   args = parser.parse_args(argv)
+  df_options = {"causal_block_size": args.causal_block, "ar_step": args.ar_step,
+                "overlap_history": args.overlap_history}
+  if args.program != "df_window" and any(
+      v is not None for v in (args.video_frames, *df_options.values())):
+    parser.error("--causal-block, --ar-step, --video-frames and --overlap-history are options of "
+                 "--program df_window")
+  if (args.video_frames is None) != (args.overlap_history is None):
+    parser.error("a long video needs both --video-frames and --overlap-history (e.g. 1457 and 17)")
   if args.target.startswith("cuda:") and platforms.cuda_plugin_blocked():
     # This process started without the CUDA plugin (no GPU here): start again with it.
     command = [sys.executable, "-m", "a2jax.aot", *(sys.argv[1:] if argv is None else argv)]
@@ -357,12 +458,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides = list(args.overrides)
   if args.attention:
     overrides.append(f"transformer.attention={args.attention}")
-  video = VideoShape(frames=args.frames, height=args.height, width=args.width, batch=args.batch,
-                     image_len=257 * args.refs)
+  overrides += [f"sampling.{k}={v}" for k, v in df_options.items() if v is not None]
+  preset = args.preset or ("v2_df_14b" if args.program == "df_window" else "a2_14b")
   try:
-    compile_fn = {"forward": compile_transformer, "sampling_step": compile_sampling_step,
-                  "train_step": compile_train_step}[args.program]
-    result = compile_fn(args.target, args.mesh, overrides, video, args.preset)
+    size = VideoShape()
+    if args.program == "df_window":
+      size = sampling_window(configs.load(preset, overrides=overrides).sampling)
+    video = VideoShape(frames=args.frames or size.frames, height=args.height or size.height,
+                       width=args.width or size.width, batch=args.batch, image_len=257 * args.refs)
+    compile_fn = (functools.partial(compile_df_window, video_frames=args.video_frames)
+                  if args.program == "df_window" else PROGRAMS[args.program])
+    result = compile_fn(args.target, args.mesh, overrides, video, preset)
   except Exception as e:  # the compiler's refusal (e.g. RESOURCE_EXHAUSTED) is a result here
     print(json.dumps({"error": f"{type(e).__name__}: {e}"[:4000]}), flush=True)
     return 1
