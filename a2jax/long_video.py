@@ -76,10 +76,6 @@ class DiffusionForcingPipeline:
     does, LoRAs merged."""
     return cls(pipeline.A2Pipeline.from_folder(folder, mesh, overrides, loras))
 
-  @property
-  def compile_seconds(self) -> float:
-    return self.base.compile_seconds
-
   def first_frames(self, images: Sequence[np.ndarray], height: int, width: int) -> jax.Array:
     """Images → normalised latents (B, 1, h, w, z) of the first frames (the VAE posterior's mean,
     as the reference takes it)."""

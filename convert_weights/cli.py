@@ -5,7 +5,8 @@ Other commands, each a module with its own `main(argv)` (`python -m convert_weig
 `merge-lora` (LoRA files merged into a new a2jax folder).
 
 Converts one component of a SkyReels-A2 release (diffusers layout) or an original Wan2.1 `.pth`
-into an a2jax folder: `config.yaml` + `<component>/` (an orbax checkpoint) + the component's extra
+into an a2jax folder, or with `release` a whole SkyReels-A2, SkyReels-V3 R2V or SkyReels-V2 DF
+release folder: `config.yaml` + `<component>/` (an orbax checkpoint) + the component's extra
 files (tokenizer, image processor). Streams tensor by tensor, writes into a temporary folder that
 is renamed only when complete, and leaves nothing behind on failure.
 """

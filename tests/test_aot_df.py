@@ -17,7 +17,7 @@ CAUSAL = ("--causal-block", "5", "--ar-step", "5")  # the SkyReels-V2 release's 
 def test_v5p8_df_window_fits():
   """97×544×960 (25 latent frames, 51,000 tokens), causal blocks of 5 frames started 5 rows apart
   (70 rows of 50 steps), the CFG pair as the batch, splash attention, on a v5p-8 (4 chips) with
-  fsdp 4 (measured 13.5 GiB per chip)."""
+  fsdp 4 (measured 13.4 GiB per chip)."""
   rc, result = run_aot("--program", "df_window", "--target", "tpu:v5p:2x2x1", "--mesh", "fsdp=4",
                        "--attention", "splash", *CAUSAL)
   assert rc == 0, result
