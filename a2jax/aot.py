@@ -317,8 +317,7 @@ def compile_df_window(target: str, mesh_cfg: MeshConfig, overrides: Sequence[str
                        causal_block=s.causal_block_size, guidance=s.guidance,
                        addnoise_condition=s.addnoise_condition)
     result = compile_program(run, df_window_args(cfg, mesh, shape), mesh)
-    rows = len(df.timestep_matrix(frames, sched.timesteps, s.ar_step, prefix,
-                                  s.causal_block_size)[0])
+    rows = df.num_rows(group[0], sched.timesteps, s.ar_step, s.causal_block_size)
     measured.append({"latent_frames": frames, "prefix": prefix, "windows": len(group), "rows": rows,
                      "tokens": int(transformer_flops(cfg.transformer, shape)["tokens"]), **result,
                      "peak_gib": round(result["peak_bytes"] / GIB, 2)})

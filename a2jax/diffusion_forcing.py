@@ -30,7 +30,7 @@ import numpy as np
 from a2jax import schedulers, sharding
 from a2jax.configs import TransformerConfig
 from a2jax.errors import InputError
-from a2jax.guidance import branch_contexts, classifier_free
+from a2jax.guidance import branch_contexts, branch_count, classifier_free
 from a2jax.models.transformer import A2Transformer
 from a2jax.video import latent_frames
 
@@ -151,7 +151,7 @@ def window_fn(cfg: TransformerConfig, sched: schedulers.UniPC | schedulers.Euler
   if addnoise_condition > 0 and window.prefix:
     model_t[:, :window.prefix] = addnoise_condition  # the re-noised history's level
   model = A2Transformer(dataclasses.replace(cfg, num_frame_per_block=causal_block))
-  branches = 1 if guidance == 1.0 else 2
+  branches = branch_count(guidance)
   frame_axis = lambda a: a[None, :, None, None, None]  # (f,) → broadcast over (B, f, h, w, z)
 
   def run(params, latents, text, negative_text, fps_index, history_keys, window_index):

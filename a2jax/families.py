@@ -39,6 +39,7 @@ class A2:
   """SkyReels-A2: condition channels, CLIP image tokens, 2-branch guidance."""
 
   name = "a2"
+  title = "SkyReels-A2"
   components = ("transformer", "vae", "clip", "umt5")
   uses_clip = True
   takes_references = True
@@ -49,7 +50,7 @@ class A2:
     if sampling.image_guidance is not None:
       raise InputError("image_guidance is a SkyReels-V3 R2V option; an A2 folder has one "
                        "guidance: leave image_guidance unset")
-    refuse_diffusion_forcing("SkyReels-A2", sampling)
+    refuse_diffusion_forcing(self.title, sampling)
     self.check_reference_count(num_refs, sampling.frames)
 
   def check_reference_count(self, num_refs: int, frames: int) -> None:
@@ -72,8 +73,8 @@ class A2:
     return np.concatenate([mask, rng.standard_normal((f, h, w, c - mask.shape[-1]), np.float32)], -1)
 
   def branches(self, sampling: SamplingConfig) -> int:
-    """2 (conditional + unconditional); 1 at guidance 1, where the second adds nothing."""
-    return 1 if sampling.guidance == 1.0 else 2
+    """2 (conditional + unconditional); 1 at guidance 1 (`guidance.branch_count`)."""
+    return guidance.branch_count(sampling.guidance)
 
   def reference_pixels(self, subjects: Sequence[np.ndarray], background: np.ndarray | None,
                        height: int, width: int) -> np.ndarray:
@@ -111,6 +112,7 @@ class V3R2V:
   """SkyReels-V3 reference-to-video: reference latent frames after the video, 3-branch guidance."""
 
   name = "v3_r2v"
+  title = "SkyReels-V3 R2V"
   components = ("transformer", "vae", "umt5")
   uses_clip = False
   takes_references = True
@@ -118,7 +120,7 @@ class V3R2V:
   default_resolution = "720P"   # sample.py sizes each video as its generate_video does by default
 
   def check(self, sampling: SamplingConfig, num_refs: int) -> None:
-    refuse_diffusion_forcing("SkyReels-V3 R2V", sampling)
+    refuse_diffusion_forcing(self.title, sampling)
     self.check_reference_count(num_refs, sampling.frames)
     if sampling.guidance < 1.0:
       raise InputError(f"guidance {sampling.guidance}: SkyReels-V3 R2V runs one branch at "
@@ -197,6 +199,7 @@ class V2DiffusionForcing:
   (a2jax/diffusion_forcing.py, a2jax/long_video.py). No references, no CLIP; 2-branch guidance."""
 
   name = "v2_df"
+  title = "SkyReels-V2 DF"
   components = ("transformer", "vae", "umt5")
   uses_clip = False
   takes_references = False
@@ -224,7 +227,7 @@ class V2DiffusionForcing:
     return z
 
   def branches(self, sampling: SamplingConfig) -> int:
-    return 1 if sampling.guidance == 1.0 else 2
+    return guidance.branch_count(sampling.guidance)
 
 
 def refuse_diffusion_forcing(family: str, sampling: SamplingConfig) -> None:

@@ -9,6 +9,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
+def branch_count(guidance: float) -> int:
+  """Rows per video of prompt / negative-prompt guidance: 2, or 1 at guidance 1, where the second
+  adds nothing."""
+  return 1 if guidance == 1.0 else 2
+
+
 def classifier_free(v: jnp.ndarray, batch: int, guidance: float) -> jnp.ndarray:
   """Velocities of a prompt branch then a negative-prompt branch (2B, …) → u + s·(c − u) (B, …);
   one branch (B, …) is returned as it is."""

@@ -33,13 +33,14 @@ from a2jax import pipeline, preprocess, schedulers
 from a2jax.configs import SamplingConfig
 from a2jax.errors import CheckpointError, InputError
 from a2jax.models import lora
-from a2jax.models.vae import WanVAE, normalize_latents
+from a2jax.models.vae import normalize_latents
 
 
 @dataclasses.dataclass(frozen=True)
 class VideoRequest:
   """One video: `image` the first frame for image-to-video (uint8 HWC, any of RGB, RGBA,
-  grayscale) or None for text-to-video; `negative_prompt` None: the sampling config's, else "";
+  grayscale) or None for text-to-video; `negative_prompt` None: the sampling config's, else the
+  family's ("");
   `seed` None: the sampling config's."""
 
   prompt: str
@@ -80,9 +81,7 @@ class DiffusionForcingPipeline:
     """Images → normalised latents (B, 1, h, w, z) of the first frames (the VAE posterior's mean,
     as the reference takes it)."""
     pixels = np.stack([first_frame_pixels(im, height, width) for im in images])[:, None]
-    vae = WanVAE(self.cfg.vae)
-    mean, _ = self.base._run("vae_encode", lambda p, v: vae.apply({"params": p}, v, method=vae.encode),
-                             self.base.params["vae"], pixels)
+    mean, _ = self.base.vae_encode(pixels)
     return normalize_latents(mean, self.cfg.vae)
 
   def latents(self, requests: Sequence[VideoRequest], sampling: SamplingConfig | None = None, *,
@@ -99,16 +98,13 @@ class DiffusionForcingPipeline:
     with_image = requests[0].image is not None
     windows = df.plan(sampling.frames, sampling.base_frames, sampling.overlap_history,
                       sampling.causal_block_size, first_frame=with_image)
-    default = "" if sampling.negative_prompt is None else sampling.negative_prompt
-    text, negative = self.base._stage(timings, "encode_text", lambda: self.base.encode_text(
-        [r.prompt for r in requests],
-        [default if r.negative_prompt is None else r.negative_prompt for r in requests]))
+    text, negative = self.base._stage(timings, "encode_text", lambda: self.base.encode_prompts(
+        requests, sampling))
     first = None
     if with_image:
       first = self.base._stage(timings, "encode_image", lambda: pipeline.fetch(self.first_frames(
           [r.image for r in requests], sampling.height, sampling.width)))
-    seeds = [sampling.seed if r.seed is None else r.seed for r in requests]
-    noise_keys, history_keys = seed_keys(seeds)
+    noise_keys, history_keys = seed_keys(pipeline.request_seeds(requests, sampling))
     fps = np.full((len(requests),), df.fps_index(sampling.fps), np.int32)
     sched = schedulers.for_sampling(sampling)
     rows = [df.num_rows(w, sched.timesteps, sampling.ar_step, sampling.causal_block_size)

@@ -274,6 +274,22 @@ class A2Pipeline:
     b = len(prompts)
     return states[:b], states[b:]
 
+  def encode_prompts(self, requests: Sequence[Any], sampling: SamplingConfig
+                     ) -> tuple[jax.Array, jax.Array]:
+    """`encode_text` of the requests' prompts and negative prompts (a request's own, else the
+    sampling config's, else the family's default)."""
+    default = (self.family.default_negative_prompt if sampling.negative_prompt is None
+               else sampling.negative_prompt)
+    return self.encode_text([r.prompt for r in requests],
+                            [default if r.negative_prompt is None else r.negative_prompt
+                             for r in requests])
+
+  def vae_encode(self, videos: np.ndarray | jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Videos (N, F, H, W, 3) in [−1, 1] → the VAE posterior's (mean, logvar) (N, f, h, w, z)."""
+    vae = WanVAE(self.cfg.vae)
+    return self._run("vae_encode", lambda p, v: vae.apply({"params": p}, v, method=vae.encode),
+                     self.params["vae"], videos)
+
   def reference_images(self, references: Sequence[np.ndarray], background: np.ndarray | None,
                        height: int, width: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """(what the VAE sees of the references (N, H, W, 3) in [−1, 1], as the family fits them; the
@@ -301,9 +317,7 @@ class A2Pipeline:
                         self.params["clip"], np.stack(clip_pixels))
     # A2: one condition video per row; V3 R2V: one one-frame video per reference.
     videos = np.stack(videos)
-    vae = WanVAE(self.cfg.vae)
-    mean, logvar = self._run("vae_encode", lambda p, v: vae.apply({"params": p}, v, method=vae.encode),
-                             self.params["vae"], videos.reshape(-1, *videos.shape[-4:]))
+    mean, logvar = self.vae_encode(videos.reshape(-1, *videos.shape[-4:]))
     rows = len(requests)
     mean, logvar = (a.reshape(rows, -1, *a.shape[-3:]) for a in (mean, logvar))
     latents = mean
@@ -323,13 +337,10 @@ class A2Pipeline:
     given, receives the seconds of encode_text / encode_references (compiles apart)."""
     check_requests(requests)
     self.family.check(sampling, requests[0].num_refs)
-    seeds = [sampling.seed if r.seed is None else r.seed for r in requests]
+    seeds = request_seeds(requests, sampling)
     noise_keys, posterior_keys = zip(*(jax.random.split(jax.random.key(s)) for s in seeds))
-    default = (self.family.default_negative_prompt if sampling.negative_prompt is None
-               else sampling.negative_prompt)
-    negatives = [default if r.negative_prompt is None else r.negative_prompt for r in requests]
-    text_states, negative_text = self._stage(timings, "encode_text", lambda: self.encode_text(
-        [r.prompt for r in requests], negatives))
+    text_states, negative_text = self._stage(timings, "encode_text", lambda: self.encode_prompts(
+        requests, sampling))
     image, condition = self._stage(timings, "encode_references", lambda: self.condition(
         requests, sampling, posterior_keys))
     row = (1, latent_frames(sampling.frames), *condition.shape[2:4], self.cfg.vae.z_dim)
@@ -500,6 +511,11 @@ class A2Pipeline:
     """One video: `generate` of one `Request` (frames (1, F', H, W, 3)); `noise` (1, f, h, w, z)."""
     return self.generate([Request(prompt, references, background, negative_prompt)],
                          sampling=sampling, noise=noise, progress=progress)
+
+
+def request_seeds(requests: Sequence[Any], sampling: SamplingConfig) -> list[int]:
+  """Each request's seed: its own, else the sampling config's."""
+  return [sampling.seed if r.seed is None else r.seed for r in requests]
 
 
 def check_prompts(requests: Sequence[Any], example: str) -> None:

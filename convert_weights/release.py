@@ -31,7 +31,6 @@ SUBFOLDERS = {"transformer": "transformer", "vae": "vae", "clip": "image_encoder
 COPIED = ("tokenizer", "image_processor", "scheduler")
 V3_TRANSFORMER_CLASS = "SkyReelsA2WanI2v3DModel"
 V2_TRANSFORMER_CLASS = "SkyReelsV2Transformer3DModel"
-FAMILY_NAMES = {"a2": "SkyReels-A2", "v3_r2v": "SkyReels-V3 R2V", "v2_df": "SkyReels-V2 DF"}
 # SkyReels-V3 R2V's generate_video: UniPC flow prediction at flow shift 5 (set in its code, whatever
 # the folder's scheduler says), 8 steps, guidance 1 and 1, negative prompt "", 5 s at 24 fps, 720P.
 V3_SAMPLING = configs.SamplingConfig(frames=121, height=720, width=1280, steps=8, guidance=1.0,
@@ -103,12 +102,12 @@ def convert_release(src, dst, *, dtype: str | None = None, force: bool = False,
   if not src.is_dir():
     raise ConversionError(f"--src {src} does not exist: pass the release folder")
   family = family_of(src)
-  subfolders = {name: sub for name, sub in SUBFOLDERS.items()
-                if family == "a2" or name != "clip"}
-  needed = [*subfolders.values(), "tokenizer", *(["image_processor"] if family == "a2" else [])]
+  kind = families.FAMILIES[family]
+  subfolders = {name: SUBFOLDERS[name] for name in kind.components}
+  needed = [*subfolders.values(), "tokenizer", *(["image_processor"] if kind.uses_clip else [])]
   missing = [sub for sub in needed if not (src / sub).is_dir()]
   if missing:
-    raise ConversionError(f"{src} is not a {FAMILY_NAMES[family]} release folder: it lacks "
+    raise ConversionError(f"{src} is not a {kind.title} release folder: it lacks "
                           f"{', '.join(missing)}/")
   # Configs first, so that an incompatible release fails before anything is written.
   sections = {name: component_config(component_module(name), src / sub, None, [])
