@@ -96,6 +96,10 @@ def target_devices(target: str) -> list[Any]:
   from jax.experimental import topologies
   platform, _, name = target.partition(":")
   if platform == "tpu":
+    # libtpu locks /tmp/libtpu_lockfile so that two processes never drive the same chips; a
+    # deviceless compile drives none, and two of them at once (parallel tests, a sweep) must not
+    # refuse each other.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     # A single chip (e.g. v6e:1x1) is a host of one chip; libtpu's default host is bigger.
     single = all(part == "1" for part in name.partition(":")[2].split("x"))
     extra = {"chips_per_host_bounds": (1, 1, 1)} if single else {}

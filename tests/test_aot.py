@@ -42,6 +42,26 @@ def check_flops(result):
   assert result["flops"] == pytest.approx(2 * per_sample)
 
 
+def test_two_tpu_compiles_run_at_once():
+  """libtpu's one-process lockfile guards chips; a deviceless compile holds none, so two at once
+  (the test workers, a sweep) both succeed (the second used to abort on the lockfile)."""
+  command = [sys.executable, "-m", "a2jax.aot", "--target", "tpu:v5p:2x2x1", "--mesh", "fsdp=4",
+             "--preset", "tiny", "--frames", "5", "--height", "64", "--width", "64"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("ALLOW_MULTIPLE_LIBTPU_LOAD", None)
+  procs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  try:
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, (stdout, stderr) in zip(procs, outputs):
+    assert proc.returncode == 0, f"{stdout}\n{stderr[-3000:]}"
+    assert json.loads(stdout.splitlines()[-1])["peak_bytes"] > 0
+
+
 @pytest.mark.slow
 def test_tpu_v5p16_splash_fits():
   """A v5p-16 (8 chips; v5p-N counts TensorCores, 2 per chip), fsdp 2 × context 4: the CFG pair
