@@ -7,8 +7,11 @@ long text- or image-to-video from SkyReels-V2 diffusion forcing (DF).
       --resolution 540P --out video.mp4
 
 The folder's family decides the conditioning and the defaults (docs/models.md "Model families");
-`--image-guidance` and `--resolution` are SkyReels-V3 R2V's. A SkyReels-V2 DF folder makes video of
-any length in windows chained by latent history (README "Long video"), written as it is decoded:
+`--image-guidance` and `--resolution` are SkyReels-V3 R2V's. `--frames` above the model's window
+(its folder's frames, or `--base-frames`) makes a longer elements-to-video from windows chained by
+`--overlap-history` frames, the references in every window, written as it is decoded. A
+SkyReels-V2 DF folder makes video of any length in windows chained by latent history (README "Long
+video"):
   python sample.py --checkpoint a2jax-v2-df --prompt "A cat walks along a garden wall." \
       --frames 257 --overlap-history 17 --ar-step 0 --addnoise-condition 20 --out cat.mp4
 (`--image first.png`: image-to-video from that first frame).
@@ -114,11 +117,13 @@ def parse_args(argv):
   fast.add_argument("--cache-calibration", help="mag: the curve JSON written by --calibrate")
   fast.add_argument("--calibrate", type=pathlib.Path, metavar="OUT.json", help="instead of videos, "
                     "run the job(s) in full and write MagCache's curve (mean over jobs) to OUT.json")
-  long = p.add_argument_group("long video (SkyReels-V2 DF folders; README \"Long video\")")
-  long.add_argument("--base-frames", type=int, help="frames of one window, 4k+1 (540P: 97, "
-                    "720P: 121); longer videos are made of several")
+  long = p.add_argument_group("long video (README \"Long video\")")
+  long.add_argument("--base-frames", type=int, help="frames of one window, 4k+1 (A2 / V3 R2V: "
+                    "the folder's frames; V2 DF 540P: 97, 720P: 121); longer videos are made of "
+                    "several")
   long.add_argument("--overlap-history", type=int, help="frames of each window taken from the "
-                    "video so far, as latents (4k+1, e.g. 17 or 37; needed above one window)")
+                    "video so far, as latents (4k+1, e.g. 17 or 37; V2 DF: needed above one "
+                    "window; A2 / V3 R2V: default 17, at most half a window's scene)")
   long.add_argument("--ar-step", type=int, help="0 (default): a window's frames denoise together; "
                     "k > 0: each causal block starts k steps after the one before (e.g. 5)")
   long.add_argument("--causal-block-size", type=int, help="latent frames per causal attention "
@@ -202,13 +207,19 @@ def read_jobs(args) -> list[Job]:
   return jobs
 
 
-def validate(jobs: list[Job], sampling: configs.SamplingConfig, family) -> None:
-  """Everything that can be checked before a model is loaded."""
+def validate(jobs: list[Job], sampling: configs.SamplingConfig, family, window_frames: int
+             ) -> None:
+  """Everything that can be checked before a model is loaded (`window_frames`: the pixel frames
+  of an elements-to-video window)."""
   outs = set()
   for job in jobs:
     if not job.prompt.strip():
       raise InputError(f"empty prompt for {job.out}: describe the video to generate")
     family.check(sampling, num_refs(job))
+    if family.takes_references:
+      from a2jax.long_video import chain_plan
+      chain_plan(sampling.frames, window_frames, sampling.overlap_history,
+                 family.scene_start(num_refs(job)))
     if job.image is not None and family.takes_references:
       raise InputError("--image is the first frame of a SkyReels-V2 DF folder's video; this folder "
                        "makes elements-to-video: give the references with --ref/--background")
@@ -347,7 +358,12 @@ def sample(argv) -> int:
   distributed.initialize(cfg.distributed)  # before anything touches a device
   sampling = sampling_config(args, cfg.sampling, family)
   jobs = read_jobs(args)
-  validate(jobs, sampling, family)
+  window_frames = sampling.base_frames or cfg.sampling.frames
+  validate(jobs, sampling, family, window_frames)
+  chained = family.takes_references and sampling.frames > window_frames
+  if chained and args.grid:
+    raise InputError(f"--grid is made from a whole video in memory, and {sampling.frames} frames "
+                     f"are chained from windows of {window_frames} and streamed: leave --grid out")
   resolution = size_rule(args, family)
   sizes = {id(job): video_size(job, resolution, sampling) for job in jobs}
   import jax
@@ -361,10 +377,15 @@ def sample(argv) -> int:
     from a2jax.long_video import DiffusionForcingPipeline
     pipe = DiffusionForcingPipeline.from_folder(folder, mesh=mesh, overrides=overrides, loras=loras)
   load_seconds = time.perf_counter() - start
-  if args.calibrate is not None:
-    return calibrate(pipe, jobs, sampling, args.calibrate, writer, sizes)
+  if args.calibrate is not None:  # the curve of one window, which every window follows
+    window = dataclasses.replace(sampling, frames=min(sampling.frames, window_frames),
+                                 base_frames=None, overlap_history=None)
+    return calibrate(pipe, jobs, window, args.calibrate, writer, sizes)
   size = args.batch or mesh.shape["data"]
-  write = write_videos if family.takes_references else write_long_videos
+  if chained:
+    from a2jax.long_video import LongElementsPipeline
+    pipe = LongElementsPipeline(pipe)
+  write = write_videos if family.takes_references and not chained else write_long_videos
   totals = write(pipe, jobs, sampling, sizes, size, args, writer)
   if writer:
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in totals.items() if k != "compile")
@@ -409,24 +430,34 @@ def write_videos(pipe, jobs: list[Job], sampling: configs.SamplingConfig,
 def write_long_videos(pipe, jobs: list[Job], sampling: configs.SamplingConfig,
                       sizes: dict[int, tuple[int, int]], size: int, args, writer: bool
                       ) -> dict[str, float]:
-  """SkyReels-V2 DF: the jobs in batches of `size` (text-to-video and image-to-video apart)
-  through `DiffusionForcingPipeline.latents`, window by window; each video then decoded one latent
-  frame at a time and written as it comes by the `writer` process (every process decodes: the
-  decode is one program over the mesh). Returns the seconds per stage."""
-  from a2jax.long_video import VideoRequest
+  """Long videos, window by window: elements-to-video through `LongElementsPipeline.latents`
+  (batches as `write_videos` makes them), SkyReels-V2 DF through `DiffusionForcingPipeline.latents`
+  (text-to-video and image-to-video apart); each video then decoded one latent frame at a time and
+  written as it comes by the `writer` process (every process decodes: the decode is one program
+  over the mesh). Returns the seconds per stage."""
+  from a2jax.long_video import LongElementsPipeline, VideoRequest
+  elements = isinstance(pipe, LongElementsPipeline)
   totals: dict[str, float] = {"compile": 0.0}
   written = 0
-  for batch in batches(jobs, size, key=lambda job: job.image is not None):
-    requests = [VideoRequest(job.prompt, preprocess.load_image(job.image) if job.image else None,
-                             job.negative_prompt, job.seed) for job in batch]
-    latents = pipe.latents(requests, sampling, progress=not args.no_progress and writer,
+  key = ((lambda job: (num_refs(job), sizes[id(job)])) if elements
+         else (lambda job: job.image is not None))
+  for batch in batches(jobs, size, key=key):
+    height, width = sizes[id(batch[0])]
+    batch_sampling = dataclasses.replace(sampling, height=height, width=width)
+    if elements:
+      requests = [request(job) for job in batch]
+    else:
+      requests = [VideoRequest(job.prompt, preprocess.load_image(job.image) if job.image else None,
+                               job.negative_prompt, job.seed) for job in batch]
+    drop = pipe.frames_to_drop(num_refs(batch[0]), sampling) if elements else 0
+    latents = pipe.latents(requests, batch_sampling, progress=not args.no_progress and writer,
                            timings=totals)
     for row, job in unique_rows(batch):
       written += 1
       start = time.perf_counter()
       frames = [] if args.save_arrays else None
       chunks = decoded_chunks(pipe, latents[row:row + 1], frames,
-                              progress=not args.no_progress and writer)
+                              progress=not args.no_progress and writer, drop=drop)
       if writer:
         video.write_mp4(job.out, chunks, sampling.fps)
       else:
@@ -438,22 +469,25 @@ def write_long_videos(pipe, jobs: list[Job], sampling: configs.SamplingConfig,
       if args.save_arrays:
         video.write_arrays(job.out.with_suffix(".npz"), frames=np.concatenate(frames),
                            latents=latents[row])
-      print(f"[{written}/{len(jobs)}] wrote {job.out} ({sampling.frames} frames, "
-            f"{sampling.height}×{sampling.width})", file=sys.stderr)
+      print(f"[{written}/{len(jobs)}] wrote {job.out} ({sampling.frames - drop} frames, "
+            f"{height}×{width})", file=sys.stderr)
   return totals
 
 
-def decoded_chunks(pipe, latents: np.ndarray, keep: list | None, progress: bool):
+def decoded_chunks(pipe, latents: np.ndarray, keep: list | None, progress: bool, drop: int = 0):
   """One video's uint8 frame chunks (n, H, W, 3) from its latents (1, f, h, w, z) as they are
-  decoded, with a bar over the latent frames; each chunk also appended to `keep` when given."""
+  decoded, the first `drop` frames left out, with a bar over the latent frames; each chunk also
+  appended to `keep` when given."""
   import tqdm
   with tqdm.tqdm(total=latents.shape[1], desc="decode", unit="latent frame", leave=False,
                  disable=not progress) as bar:
     for chunk in pipe.decode_stream(latents):
       bar.update(1)
-      if keep is not None:
-        keep.append(chunk[0])
-      yield chunk[0]
+      kept, drop = chunk[0][drop:], max(0, drop - chunk.shape[1])
+      if keep is not None and len(kept):
+        keep.append(kept)
+      if len(kept):
+        yield kept
 
 
 def unique_rows(batch: list[Job]) -> list[tuple[int, Job]]:

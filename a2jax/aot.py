@@ -42,6 +42,7 @@ from a2jax import configs, platforms, sharding
 from a2jax.flops import VideoShape, step_flops, transformer_flops
 from a2jax.configs import MeshConfig, TransformerConfig
 from a2jax.errors import ConfigError
+from a2jax.video import latent_frames
 
 GIB = 1024**3
 # XLA GPU device specs (from openxla/xla, Apache-2.0): what the CUDA plugin compiles for without a GPU.
@@ -243,17 +244,26 @@ def sampling_step_args(cfg: configs.Config, mesh, video: VideoShape) -> tuple[An
 
 
 def compile_sampling_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence[str] = (),
-                          video: VideoShape = VideoShape(), preset: str = "a2_14b") -> dict[str, Any]:
+                          video: VideoShape = VideoShape(), preset: str = "a2_14b",
+                          overlap_history: int | None = None, refs: int = 3) -> dict[str, Any]:
   """Compiles one whole sampling step of the pipeline (the preset's guidance branches through the
   transformer — A2: the CFG pair; V3 R2V: 1, or 3 above guidance 1 —, the guidance combination and
-  a UniPC update: `pipeline.denoise_fn` with steps = 1) for `target`."""
+  a UniPC update: `pipeline.denoise_fn` with steps = 1) for `target`; with `overlap_history`
+  (pixel frames) the step of a chained long video's later window, its first scene frames held to
+  a history (`pipeline.History`, after `refs` A2 reference frames)."""
   from a2jax import families, pipeline
   cfg = configs.load(preset, overrides=list(overrides))
   video = for_family(video, cfg)
   devices = target_devices(target)
   mesh = sharding.make_mesh(mesh_cfg, devices)
   args = sampling_step_args(cfg, mesh, video)
-  step = pipeline.denoise_fn(cfg, dataclasses.replace(cfg.sampling, steps=1))
+  start = None
+  if overlap_history is not None:
+    (_, h, w), z = video.latent_grid, cfg.vae.z_dim
+    held = abstract_array((1, latent_frames(overlap_history), h, w, z), jnp.float32, GRID, mesh)
+    start = families.of(cfg).scene_start(refs)
+    args = (*args, None, held, held)  # no distill keys; the history and its noise
+  step = pipeline.denoise_fn(cfg, dataclasses.replace(cfg.sampling, steps=1), history_start=start)
   result = compile_program(step, args, mesh)
   flops = transformer_flops(cfg.transformer, video)
   branches = families.of(cfg).branches(cfg.sampling)
@@ -261,7 +271,8 @@ def compile_sampling_step(target: str, mesh_cfg: MeshConfig, overrides: Sequence
                 attention=cfg.transformer.attention, tokens=int(flops["tokens"]),
                 branches=branches, flops=branches * flops["total"],
                 flops_per_sample=flops["total"], program="sampling_step",
-                peak_gib=round(result["peak_bytes"] / GIB, 2))
+                history_latent_frames=None if overlap_history is None else latent_frames(
+                    overlap_history), peak_gib=round(result["peak_bytes"] / GIB, 2))
   return result
 
 
@@ -442,17 +453,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   df_group.add_argument("--ar-step", type=int, help="rows between the starts of two causal blocks")
   df_group.add_argument("--video-frames", type=int, help="compile every distinct window of a "
                         "video this long, chained by --overlap-history frames of history")
-  df_group.add_argument("--overlap-history", type=int)
+  df_group.add_argument("--overlap-history", type=int, help="frames of history; also with "
+                        "--program sampling_step: the step of a chained elements-to-video's later "
+                        "window, its first scene frames held to that history")
   parser.add_argument("overrides", nargs="*", help="section.key=value config overrides, e.g. "
                       "train.moments_dtype=float32")
   args = parser.parse_args(argv)
   df_options = {"causal_block_size": args.causal_block, "ar_step": args.ar_step,
                 "overlap_history": args.overlap_history}
   if args.program != "df_window" and any(
-      v is not None for v in (args.video_frames, *df_options.values())):
-    parser.error("--causal-block, --ar-step, --video-frames and --overlap-history are options of "
-                 "--program df_window")
-  if (args.video_frames is None) != (args.overlap_history is None):
+      v is not None for v in (args.video_frames, args.causal_block, args.ar_step)):
+    parser.error("--causal-block, --ar-step and --video-frames are options of --program df_window")
+  if args.overlap_history is not None and args.program not in ("df_window", "sampling_step"):
+    parser.error("--overlap-history is an option of --program df_window and sampling_step (a "
+                 "chained long video's window)")
+  if args.program == "df_window" and (args.video_frames is None) != (
+      args.overlap_history is None):
     parser.error("a long video needs both --video-frames and --overlap-history (e.g. 1457 and 17)")
   if args.target.startswith("cuda:") and platforms.cuda_plugin_blocked():
     # This process started without the CUDA plugin (no GPU here): start again with it.
@@ -461,7 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides = list(args.overrides)
   if args.attention:
     overrides.append(f"transformer.attention={args.attention}")
-  overrides += [f"sampling.{k}={v}" for k, v in df_options.items() if v is not None]
+  if args.program == "df_window":
+    overrides += [f"sampling.{k}={v}" for k, v in df_options.items() if v is not None]
   preset = args.preset or ("v2_df_14b" if args.program == "df_window" else "a2_14b")
   try:
     size = VideoShape()
@@ -469,8 +486,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       size = sampling_window(configs.load(preset, overrides=overrides).sampling)
     video = VideoShape(frames=args.frames or size.frames, height=args.height or size.height,
                        width=args.width or size.width, batch=args.batch, image_len=257 * args.refs)
-    compile_fn = (functools.partial(compile_df_window, video_frames=args.video_frames)
-                  if args.program == "df_window" else PROGRAMS[args.program])
+    compile_fn = PROGRAMS[args.program]
+    if args.program == "df_window":
+      compile_fn = functools.partial(compile_df_window, video_frames=args.video_frames)
+    elif args.program == "sampling_step" and args.overlap_history is not None:
+      compile_fn = functools.partial(compile_sampling_step, overlap_history=args.overlap_history,
+                                     refs=args.refs)
     result = compile_fn(args.target, args.mesh, overrides, video, preset)
   except Exception as e:  # the compiler's refusal (e.g. RESOURCE_EXHAUSTED) is a result here
     print(json.dumps({"error": f"{type(e).__name__}: {e}"[:4000]}), flush=True)

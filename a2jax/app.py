@@ -81,7 +81,8 @@ def advanced_options() -> list[Option]:
   """The "advanced" accordion, top to bottom. One more option is one more line here (and, if it
   is no sampling field, the place in `App.generate` that reads it)."""
   return [
-      _number("frames (4k+1; N references need ≥ 4N+1)", "frames"),
+      _number("frames (4k+1; N references need ≥ 4N+1; more than the model's: a long video of "
+              "chained windows)", "frames"),
       _number("height (multiple of 16)", "height"),
       _number("width (multiple of 16)", "width"),
       _number("denoising steps", "steps", minimum=1),
@@ -183,18 +184,30 @@ class App:
       raise InputError("no reference images: upload at least one subject, object or background")
     self.pipe.family.check(sampling, len(references) + (bg is not None))
     seen, _ = self.pipe.reference_images(references, bg, sampling.height, sampling.width)
+    from a2jax.long_video import LongElementsPipeline
+    from a2jax.pipeline import Request
     start = time.perf_counter()
     pipe = self.pipeline_with(options.get("loras") or ())
-    result = pipe(prompt, references, bg, negative_prompt=negative_prompt, sampling=sampling,
-                  progress=progress)
-    seconds = time.perf_counter() - start
+    request = Request(prompt, references, bg, negative_prompt)
     path = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._numbers):04d}" \
                           f"-seed{sampling.seed}.mp4"
-    video.write_mp4(path, result.frames[0], sampling.fps)
+    timings = {"compile": 0.0}
+    if sampling.frames > self.pipe.cfg.sampling.frames:
+      # Longer than the model's window: chained windows, decoded into the mp4 as they come.
+      chained = LongElementsPipeline(pipe)
+      latents = chained.latents([request], sampling, progress=progress, timings=timings)
+      drop = chained.frames_to_drop(request.num_refs, sampling)
+      video.write_mp4(path, (chunk[0] for chunk in chained.decode_stream(latents, drop)),
+                      sampling.fps)
+      frames = sampling.frames - drop
+    else:
+      result = pipe.generate([request], sampling=sampling, progress=progress)
+      video.write_mp4(path, result.frames[0], sampling.fps)
+      timings, frames = result.timings, result.frames.shape[1]
+    seconds = time.perf_counter() - start
     print(f"wrote {path}", file=sys.stderr)
-    frames = result.frames.shape[1]
     status = (f"{frames} frames of {sampling.height}×{sampling.width} in {seconds:.1f} s "
-              f"(compile {result.timings['compile']:.1f} s) → `{path}`")
+              f"(compile {timings['compile']:.1f} s) → `{path}`")
     return str(path), list(to_uint8(seen)), status
 
 

@@ -51,10 +51,14 @@ class A2:
       raise InputError("image_guidance is a SkyReels-V3 R2V option; an A2 folder has one "
                        "guidance: leave image_guidance unset")
     refuse_diffusion_forcing(self.title, sampling)
-    self.check_reference_count(num_refs, sampling.frames)
+    self.check_reference_count(num_refs, window_frames(sampling))
 
   def check_reference_count(self, num_refs: int, frames: int) -> None:
     conditioning.check_reference_count(num_refs, frames)
+
+  def scene_start(self, num_refs: int) -> int:
+    """Latent frames of a window before the scene: the N reference frames."""
+    return num_refs
 
   def in_channels(self, z: int) -> int:
     """The transformer's input channels for z latent channels: noise ‖ mask ‖ condition."""
@@ -121,7 +125,7 @@ class V3R2V:
 
   def check(self, sampling: SamplingConfig, num_refs: int) -> None:
     refuse_diffusion_forcing(self.title, sampling)
-    self.check_reference_count(num_refs, sampling.frames)
+    self.check_reference_count(num_refs, window_frames(sampling))
     if sampling.guidance < 1.0:
       raise InputError(f"guidance {sampling.guidance}: SkyReels-V3 R2V runs one branch at "
                        "guidance 1 and three above it; use 1 or more")
@@ -131,6 +135,10 @@ class V3R2V:
 
   def check_reference_count(self, num_refs: int, frames: int) -> None:
     conditioning_v3.check_reference_count(num_refs)
+
+  def scene_start(self, num_refs: int) -> int:
+    """The video's latent frames come first (the references after them)."""
+    return 0
 
   def in_channels(self, z: int) -> int:
     """The transformer's input channels: the latents alone (references come as frames)."""
@@ -230,15 +238,21 @@ class V2DiffusionForcing:
     return guidance.branch_count(sampling.guidance)
 
 
+def window_frames(sampling: SamplingConfig) -> int:
+  """Pixel frames of one window of an elements-to-video sampling: `base_frames` when a long video
+  is chained from windows of it, else the whole video."""
+  return min(sampling.frames, sampling.base_frames or sampling.frames)
+
+
 def refuse_diffusion_forcing(family: str, sampling: SamplingConfig) -> None:
   """A2 and V3 R2V models were trained with one noise level for the whole video: per-frame levels
-  and history windows are outside what they learned, so their folders refuse the DF options."""
-  if sampling.uses_diffusion_forcing:
-    raise InputError(f"base_frames, overlap_history, ar_step, causal_block_size and "
-                     f"addnoise_condition are diffusion-forcing options, and this {family} model "
-                     "was trained with one noise level for all frames: leave them unset here (one "
-                     "window of the model's length), or sample long video from a SkyReels-V2 DF "
-                     "folder")
+  are outside what they learned, so their folders refuse the per-frame DF options (their long
+  videos chain windows by `base_frames` and `overlap_history`, a2jax/long_video.py)."""
+  if sampling.ar_step or sampling.causal_block_size != 1 or sampling.addnoise_condition:
+    raise InputError(f"ar_step, causal_block_size and addnoise_condition are diffusion-forcing "
+                     f"options, and this {family} model was trained with one noise level for all "
+                     "frames: leave them unset (a long video from this folder chains windows with "
+                     "base_frames and overlap_history alone), or sample a SkyReels-V2 DF folder")
 
 
 def require_references(cfg: Config, what: str) -> None:

@@ -13,6 +13,10 @@ video.write_mp4("cat.mp4", (chunk[0] for chunk in pipe.decode_stream(latents)), 
 Stages: text (umT5, prompt and negative prompt in one batch) · first frame (image-to-video: the
 VAE latent of the image resized to the video, as diffusers' pipeline makes it) · windows (one
 compiled program per window shape; history kept as latents on the host) · streamed VAE decode.
+Elements-to-video of any length from an A2 or V3 R2V folder (`LongElementsPipeline`): windows of
+the model's own length, each after the first holding its first scene frames to the last latent
+frames of the video so far (`pipeline.History`), the references in every window as in a short video.
+
 Shapes: B videos, f latent frames of the whole video, h / w latent height / width, z latent channels.
 """
 
@@ -34,6 +38,12 @@ from a2jax.configs import SamplingConfig
 from a2jax.errors import CheckpointError, InputError
 from a2jax.models import lora
 from a2jax.models.vae import normalize_latents
+from a2jax.video import TEMPORAL_STRIDE, latent_frames
+
+# Latent frames of history when none is given: 17 pixel frames, SkyReels-V2's recommended overlap
+# (at most half of a window's scene frames).
+DEFAULT_HISTORY_LATENT = 5
+WINDOW_NOISE_STREAM = 2  # fold_in of a row's seed key that draws windows ≥ 1 (0 / 1: pipeline's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,3 +196,158 @@ def check_requests(requests: Sequence[VideoRequest]) -> None:
   if len(set(with_image)) > 1:
     raise InputError(f"request {with_image.index(not with_image[0])} and request 0 differ in "
                      "having a first frame: one batch is all text-to-video or all image-to-video")
+
+
+# ---------------------------------------------------------------------------------------------
+# Elements-to-video of any length (A2, V3 R2V), windows chained by held history.
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainPlan:
+  """The windows of a long elements-to-video, in latent frames: `count` windows of `window` frames
+  (the model's length), the first `scene_start` of each the family's reference frames (A2's N;
+  V3 R2V's come after the video), then in every window after the first `history` frames held to
+  the end of the video so far and `new` fresh ones; `total` frames in all (A2's reference frames
+  included, as in a short video)."""
+
+  window: int
+  scene_start: int
+  history: int
+  count: int
+  total: int
+
+  @property
+  def new(self) -> int:
+    return self.window - self.scene_start - self.history
+
+  @property
+  def window_frames(self) -> int:
+    """Pixel frames of one window."""
+    return TEMPORAL_STRIDE * (self.window - 1) + 1
+
+
+def chain_plan(frames: int, window_frames: int, overlap_history: int | None,
+               scene_start: int) -> ChainPlan:
+  """The plan for `frames` pixel frames (4k + 1) in windows of `window_frames` with
+  `overlap_history` pixel frames of history (None: `DEFAULT_HISTORY_LATENT` latent frames, at
+  most half the scene); one window when the video fits in one."""
+  total, window = latent_frames(frames), latent_frames(window_frames)
+  if total <= window:
+    return ChainPlan(total, scene_start, 0, 1, total)
+  scene = window - scene_start
+  history = (min(DEFAULT_HISTORY_LATENT, scene // 2) if overlap_history is None
+             else latent_frames(overlap_history))
+  if not 1 <= history < scene:
+    most = f"at most {TEMPORAL_STRIDE * (scene - 2) + 1}" if scene > 1 else "fewer references"
+    given = "the default" if overlap_history is None else f"overlap_history {overlap_history}"
+    raise InputError(f"{given} ({history} latent frames of history) leaves no new frame in a "
+                     f"window of {window_frames} frames, whose scene has {scene} latent frames "
+                     f"after {scene_start} of references: use {most}")
+  count = 1 + -(-(total - window) // (scene - history))
+  return ChainPlan(window, scene_start, history, count, total)
+
+
+class LongElementsPipeline:
+  """An A2 or V3 R2V folder's `A2Pipeline`, chaining windows of the model's length into a video of
+  any length (docs/long-video.md "Elements-to-video of any length").
+
+  The released models were trained on one window with one noise level for all frames; a window
+  that continues a video keeps exactly that: its first scene frames are the video's last latent
+  frames, re-noised at every step to the step's noise level (`pipeline.History`), so the model
+  sees a noisy clip it was trained on whose start is fixed, and the references in every window."""
+
+  def __init__(self, base: pipeline.A2Pipeline):
+    if not base.family.takes_references:
+      raise CheckpointError(f"a {base.family.name} folder takes no references: sample its long "
+                            "videos with DiffusionForcingPipeline")
+    self.base, self.cfg = base, base.cfg
+
+  @classmethod
+  def from_folder(cls, folder: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
+                  overrides: Sequence[str] = (),
+                  loras: Sequence[lora.LoadedLoRA] = ()) -> "LongElementsPipeline":
+    return cls(pipeline.A2Pipeline.from_folder(folder, mesh, overrides, loras))
+
+  def plan(self, sampling: SamplingConfig, num_refs: int) -> ChainPlan:
+    """Windows of `sampling.base_frames`, else of the folder's own `frames`."""
+    window = sampling.base_frames or self.cfg.sampling.frames
+    return chain_plan(sampling.frames, window, sampling.overlap_history,
+                      self.base.family.scene_start(num_refs))
+
+  def latents(self, requests: Sequence[pipeline.Request], sampling: SamplingConfig | None = None,
+              *, progress: bool | Callable[[int, int], None] = True,
+              timings: dict[str, float] | None = None) -> np.ndarray:
+    """The videos' normalised latents (B, f, h, w, z) on the host, f = `plan(...).total`: window
+    0 is what `A2Pipeline.generate` makes of a window-long video, each later window continues the
+    last `history` latent frames; row b is what request b alone gives. `progress`: True shows a
+    bar over every window's steps (process 0); a callable gets (steps done, total steps).
+    `timings` receives the seconds of the encoders and of denoise (compiles apart)."""
+    sampling = sampling or self.cfg.sampling
+    pipeline.check_requests(requests)
+    plan = self.plan(sampling, requests[0].num_refs)
+    window_sampling = dataclasses.replace(sampling, frames=plan.window_frames, base_frames=None,
+                                          overlap_history=None)
+    cond, noise = self.base.prepare(requests, window_sampling, timings)
+    steps = schedulers.for_sampling(sampling).num_steps
+    bar = tqdm.tqdm(total=plan.count * steps, desc="denoise", unit="step", leave=False,
+                    disable=progress is not True or jax.process_index() != 0)
+
+    def run(index: int, noise: np.ndarray, history: pipeline.History | None) -> np.ndarray:
+      def report(done: int, _: int) -> None:
+        bar.update(index * steps + done - bar.n)
+        if callable(progress):
+          progress(index * steps + done, plan.count * steps)
+      return pipeline.fetch(self.base._stage(timings, "denoise", lambda: self.base.denoise(
+          cond, noise, window_sampling, report, history=history)))
+
+    seeds = pipeline.request_seeds(requests, sampling)
+    try:
+      video = run(0, noise, None)
+      for index in range(1, plan.count):
+        fresh, held_noise = window_noise(seeds, index, noise.shape[1:], plan.history)
+        history = pipeline.History(video[:, -plan.history:], held_noise, plan.scene_start)
+        out = run(index, fresh, history)
+        video = np.concatenate([video, out[:, plan.scene_start + plan.history:]], axis=1)
+    finally:
+      bar.close()
+    return video[:, :plan.total]
+
+  def decode_stream(self, latents: np.ndarray | jax.Array, drop: int = 0) -> Iterator[np.ndarray]:
+    """Normalised latents (B, f, h, w, z) → uint8 chunks (B, n, H, W, 3) as `A2Pipeline.
+    decode_stream` makes them, the first `drop` frames (A2's reference frames) left out."""
+    for chunk in self.base.decode_stream(latents):
+      kept = chunk[:, drop:]
+      drop = max(0, drop - chunk.shape[1])
+      if kept.shape[1]:
+        yield kept
+
+  def frames_to_drop(self, num_refs: int, sampling: SamplingConfig) -> int:
+    """Leading frames that show the references (A2, unless `drop_reference_frames` is off)."""
+    return self.base.family.frames_to_drop(num_refs) if sampling.drop_reference_frames else 0
+
+  def generate(self, requests: Sequence[pipeline.Request], *,
+               sampling: SamplingConfig | None = None,
+               progress: bool | Callable[[int, int], None] = True) -> pipeline.Result:
+    """`latents`, then every frame decoded into one array (uint8 (B, F', H, W, 3), reference frames
+    dropped as `A2Pipeline.generate` drops them): for videos that fit in host memory; stream long
+    ones with `decode_stream`."""
+    sampling = sampling or self.cfg.sampling
+    timings = {"compile": 0.0}
+    latents = self.latents(requests, sampling, progress=progress, timings=timings)
+    drop = self.frames_to_drop(requests[0].num_refs, sampling)
+    frames = self.base._stage(timings, "decode", lambda: np.concatenate(
+        list(self.decode_stream(latents, drop)), axis=1))
+    return pipeline.Result(frames, latents, timings)
+
+
+def window_noise(seeds: Sequence[int], index: int, shape: tuple[int, ...], history: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(fresh noise (B, *shape), the history's noise (B, history, *shape[1:])) of window `index` ≥ 1,
+  float32, each row from its own seed."""
+  fresh, held = [], []
+  for seed in seeds:
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), WINDOW_NOISE_STREAM), index)
+    fresh_key, held_key = jax.random.split(key)
+    fresh.append(np.asarray(jax.random.normal(fresh_key, (1, *shape), jnp.float32)))
+    held.append(np.asarray(jax.random.normal(held_key, (1, history, *shape[1:]), jnp.float32)))
+  return np.concatenate(fresh), np.concatenate(held)

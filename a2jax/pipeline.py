@@ -91,6 +91,18 @@ class Conditioning:
 
 
 @dataclasses.dataclass
+class History:
+  """Latent frames a window must continue (chained long video, a2jax/long_video.py): the window's
+  frames `start` … `start` + O − 1 are held to `latents` (B, O, h, w, z), shown to the transformer
+  at each step's noise level as (1 − σ)·latents + σ·`noise` (B, O, h, w, z): every frame at one
+  noise level, as the model was trained, the history's content fixed."""
+
+  latents: np.ndarray | jax.Array
+  noise: np.ndarray | jax.Array
+  start: int
+
+
+@dataclasses.dataclass
 class Result:
   frames: np.ndarray             # uint8 (B, F', H, W, 3), reference frames dropped if configured
   latents: np.ndarray            # float32 (B, f, h, w, z), normalised, before decoding
@@ -128,11 +140,12 @@ def guidance_branches(sampling: SamplingConfig, family: str = "a2") -> int:
 
 def denoise_fn(cfg: Config, sampling: SamplingConfig,
                on_step: Callable[[jax.Array], None] | None = None,
-               with_stats: bool = False) -> Callable[..., Any]:
+               with_stats: bool = False, history_start: int | None = None) -> Callable[..., Any]:
   """The denoising loop for one sampling config, to be jitted:
   (transformer params, noise (B, f, h, w, z), text (B, T, text_dim), negative_text (B, T, text_dim),
-  image (B, I, image_dim) | None, condition (`Conditioning.condition`)[, noise_keys (B, 2) uint32:
-  the distill sampler's per-row PRNG keys]) → latents (B, f, h, w, z), with `with_stats` also the
+  image (B, I, image_dim) | None, condition (`Conditioning.condition`), noise_keys (B, 2) uint32:
+  the distill sampler's per-row PRNG keys[, history (B, O, h, w, z), history noise (B, O, h, w, z)
+  when `history_start` is given: `History`]) → latents (B, f, h, w, z), with `with_stats` also the
   `step_cache.StepStats` of every step (S, …) (the split path then runs even without a cache).
 
   The family's guidance branches run as one batch of branches · B rows (the first with the prompt,
@@ -148,9 +161,19 @@ def denoise_fn(cfg: Config, sampling: SamplingConfig,
   cache = step_cache.for_sampling(sampling, sched.num_steps, cfg.transformer.num_layers, branches)
   split = cache.mode != "none" or with_stats
   timesteps = jnp.asarray(sched.timesteps, jnp.float32)
+  sigmas = jnp.asarray(sched.sigmas, jnp.float32)
 
-  def denoise(params, noise, text_states, negative_text, image, condition, noise_keys=None):
+  def denoise(params, noise, text_states, negative_text, image, condition, noise_keys=None,
+              history=None, history_noise=None):
     b, f = noise.shape[:2]
+
+    def hold_history(x, sigma):
+      """x with its history frames replaced by the history at noise level σ."""
+      if history_start is None:
+        return x
+      held = (1.0 - sigma) * history + sigma * history_noise
+      return jax.lax.dynamic_update_slice_in_dim(x, held.astype(x.dtype), history_start, axis=1)
+
     context = branch_contexts(text_states, negative_text, branches)
     image_n = None if image is None else jnp.concatenate([image] * branches, axis=0)
     cond_n = family.branch_conditions(condition, branches)
@@ -174,6 +197,7 @@ def denoise_fn(cfg: Config, sampling: SamplingConfig,
 
     def step(carry, i):
       x, state, cache_state = carry
+      x = hold_history(x, sigmas[i])
       x_in = family.transformer_input(jnp.concatenate([x] * branches, axis=0), cond_n)
       x_in = sharding.constrain(x_in, ("batch", "frames", "height", "width", "channels"))
       t = jnp.full((branches * b,), timesteps[i])
@@ -191,6 +215,7 @@ def denoise_fn(cfg: Config, sampling: SamplingConfig,
                              dtype_of(cfg.transformer.dtype))
     init = (noise, sched.init(noise, noise_keys), cache_state)
     (x, _, _), stats = jax.lax.scan(step, init, jnp.arange(sched.num_steps))
+    x = hold_history(x, 0.0)
     return (x, stats) if with_stats else x
 
   return denoise
@@ -380,17 +405,22 @@ class A2Pipeline:
   # -- denoising ------------------------------------------------------------------------------
 
   def denoise(self, cond: Conditioning, noise: np.ndarray | jax.Array, sampling: SamplingConfig,
-              progress: bool | Callable[[int, int], None] = True, with_stats: bool = False):
+              progress: bool | Callable[[int, int], None] = True, with_stats: bool = False,
+              history: History | None = None):
     """Runs the compiled denoising loop (compiled once per sampling config and shape) from `noise`
     (B, f, h, w, z) → latents (B, f, h, w, z), with `with_stats` also the `step_cache.StepStats`
-    of every step. `progress`: True shows a tqdm bar (on process 0); a callable is called as
+    of every step; `history` holds frames of the window to given latents (chained long video).
+    `progress`: True shows a tqdm bar (on process 0); a callable is called as
     `progress(steps done, total steps)` instead."""
-    program = denoise_fn(self.cfg, sampling, on_step=self._report_step, with_stats=with_stats)
-    name = ("denoise", with_stats, *denoise_program_key(sampling))
+    start = None if history is None else history.start
+    program = denoise_fn(self.cfg, sampling, on_step=self._report_step, with_stats=with_stats,
+                         history_start=start)
+    name = ("denoise", with_stats, start, *denoise_program_key(sampling))
     params = self.params["transformer"]
+    held = () if history is None else (history.latents, history.noise)
     executable, inputs = self._compiled(name, program, params, noise, cond.text,
                                         cond.negative_text, cond.image, cond.condition,
-                                        cond.noise_keys)
+                                        cond.noise_keys, *held)
     self._bar = tqdm.tqdm(total=scheduler_for(sampling).num_steps, desc="denoise", unit="step",
                           disable=progress is not True or jax.process_index() != 0, leave=False)
     self._on_progress = progress if callable(progress) else None

@@ -80,11 +80,14 @@ class TorchA2:
     return torch.cat([mask, latents], dim=1), mean, inv_std
 
   @torch.no_grad()
-  def denoise(self, condition, text, negative, image, noise: np.ndarray, sampling):
-    """CFG denoising from `noise` (1, f, h, w, z) channels-last → latents (1, z, f, h, w)."""
+  def denoise(self, condition, text, negative, image, noise: np.ndarray, sampling, hold=None):
+    """CFG denoising from `noise` (1, f, h, w, z) channels-last → latents (1, z, f, h, w);
+    `hold(latents, σ)`, when given, edits the latents in place before every step."""
     latents = torch.from_numpy(noise).permute(0, 4, 1, 2, 3).contiguous()
     self.scheduler.set_timesteps(sampling.steps)
-    for t in self.scheduler.timesteps:
+    for i, t in enumerate(self.scheduler.timesteps):
+      if hold is not None:
+        hold(latents, self.scheduler.sigmas[i])
       x = torch.cat([latents, condition], dim=1)
       ts = t.expand(1)
       v_cond = self.transformer(x, ts, text, image, return_dict=False)[0]
@@ -158,12 +161,15 @@ class TorchV3R2V:
     return torch.cat(latents, dim=2), mean, inv_std
 
   @torch.no_grad()
-  def denoise(self, condition, text, negative, noise: np.ndarray, sampling):
-    """From `noise` (1, f, h, w, z) channels-last → latents (1, z, f, h, w)."""
+  def denoise(self, condition, text, negative, noise: np.ndarray, sampling, hold=None):
+    """From `noise` (1, f, h, w, z) channels-last → latents (1, z, f, h, w); `hold` as in
+    `TorchA2.denoise`."""
     latents = torch.from_numpy(noise).permute(0, 4, 1, 2, 3).contiguous()
     image_guidance = 1.0 if sampling.image_guidance is None else sampling.image_guidance
     self.scheduler.set_timesteps(sampling.steps)
-    for t in self.scheduler.timesteps:
+    for i, t in enumerate(self.scheduler.timesteps):
+      if hold is not None:
+        hold(latents, self.scheduler.sigmas[i])
       ts, f = t.expand(1), latents.shape[2]
       def velocity(context, refs):
         x = torch.cat([latents, refs], dim=2)

@@ -62,6 +62,20 @@ def test_two_tpu_compiles_run_at_once():
     assert json.loads(stdout.splitlines()[-1])["peak_bytes"] > 0
 
 
+def test_chained_window_step_compiles_with_its_history():
+  """A chained long video's later window (`--overlap-history`: 2 latent frames held after the 2
+  A2 reference frames) compiles for a v5p-8 on the tiny preset, beside the plain window (the
+  full-size peaks, equal within the history's bytes: docs/long-video.md)."""
+  common = ("--target", "tpu:v5p:2x2x1", "--mesh", "fsdp=4", "--preset", "tiny", "--frames", "17",
+            "--height", "64", "--width", "64", "--refs", "2", "--program", "sampling_step")
+  rc, plain = run_aot(*common)
+  assert rc == 0, plain
+  rc, chained = run_aot(*common, "--overlap-history", "5")
+  assert rc == 0, chained
+  assert plain["history_latent_frames"] is None and chained["history_latent_frames"] == 2
+  assert chained["argument_bytes"] > plain["argument_bytes"]  # the history and its noise
+
+
 @pytest.mark.slow
 def test_tpu_v5p16_splash_fits():
   """A v5p-16 (8 chips; v5p-N counts TensorCores, 2 per chip), fsdp 2 × context 4: the CFG pair

@@ -166,6 +166,18 @@ def test_generate_reports_progress_from_the_loop(server):
   check_video(path, out_dir)
 
 
+def test_frames_beyond_the_window_make_a_long_video(server):
+  """21 frames from a 13-frame model: 3 chained windows (a2jax.long_video), progress over all of
+  their steps, streamed into the mp4."""
+  _, out_dir, app = server
+  calls = []
+  path, _, status = app.generate([SUBJECT, None, None], BACKGROUND, EXAMPLE[-1], "",
+                                 {"seed": 5, "frames": 21}, lambda *a: calls.append(a))
+  assert calls[-1] == (6, 6) and len(calls) == 6
+  assert video.read_mp4(path).shape == (21 - 4 * REFS, HEIGHT, WIDTH, 3)
+  assert status.startswith(f"{21 - 4 * REFS} frames of")
+
+
 def test_lora_and_fast_sampling_options(server):
   """A LoRA chosen in the page merges into its own pipeline (kept for later requests); the distill
   sampler and a step cache are plain sampling options."""

@@ -11,6 +11,7 @@ from PIL import Image
 
 from a2jax import checkpoints, configs, video
 from a2jax.data import synthetic
+from a2jax.errors import InputError
 from a2jax.eval import __main__ as cli
 from a2jax.eval import bench, fidelity
 from a2jax.models import clip as clip_model
@@ -143,3 +144,28 @@ def test_cli(tmp_path, clip_params, capsys):
   result = json.loads((tmp_path / "b.json").read_text())
   assert set(result["mean"]) == {"reference_similarity", "frame_consistency", "motion_magnitude"}
   assert len(result["videos"][job["out"]]["reference_similarity"]) == n
+
+
+def test_long_video_scores_windows_joins_and_drift():
+  """A video cut into windows at latent-frame boundaries: the truth scores high in every window
+  and joins as smoothly as inside (ratio near 1); its second window in other colours on another
+  background jumps at the join, loses the first window's fidelity and drifts in colour."""
+  from a2jax import long_video
+  from a2jax.eval import long_video as long_scores
+  plan = long_video.chain_plan(25, 17, 1, scene_start=2)   # 2 windows: 9 frames, then 8 more
+  spans = long_scores.window_spans(plan, 25, drop=8)
+  assert spans == [(0, 9), (9, 17)]
+  clip = clips(1)[0]
+  truth = synthetic.render_frames(clip)
+  scored = long_scores.score_long_video(truth, clip, spans)
+  assert all(w["fidelity"] > 0.8 for w in scored["windows"])
+  assert 0.5 < scored["continuity"]["ratio"] < 2.0 and abs(scored["drift"]) < 0.1
+  jumped = np.concatenate([truth[:9], synthetic.render_frames(wrong_colours(clip))[9:]])
+  bad = long_scores.score_long_video(jumped, clip, spans)
+  assert bad["continuity"]["ratio"] > 2 * scored["continuity"]["ratio"]
+  assert bad["windows"][1]["fidelity"] < scored["windows"][1]["fidelity"] - 0.3
+  assert bad["drift"] < -0.3
+  summary = long_scores.summarize([scored, bad])
+  assert summary["first"] == pytest.approx(scored["windows"][0]["fidelity"])
+  with pytest.raises(InputError, match="the windows end at frame 17, the video has 16"):
+    long_scores.score_long_video(truth[:16], clip, spans)

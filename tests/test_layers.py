@@ -24,7 +24,7 @@ LAYERS = (
      "a2jax.guidance", "a2jax.families", "a2jax.schedulers", "a2jax.step_cache",
      "a2jax.diffusion_forcing", "a2jax.text"),
     ("a2jax.pipeline",),
-    # long video from diffusion-forcing folders, on the pipeline's components
+    # long video (diffusion-forcing folders, chained elements-to-video windows) on the pipeline
     ("a2jax.long_video",),
     ("a2jax.data",),
     ("a2jax.train",),

@@ -175,12 +175,6 @@ def test_sample_py_refuses_bad_long_video_options_in_one_line(release_df, tmp_pa
   assert not out.exists()
 
 
-def test_elements_to_video_folders_refuse_diffusion_forcing_options():
-  """A2 and V3 R2V were trained with one noise level per video: per-frame options are refused."""
-  for name in ("a2", "v3_r2v"):
-    sampling = dataclasses.replace(configs.SamplingConfig(), guidance=1.0, overlap_history=17)
-    with pytest.raises(InputError, match="trained with one noise level for all frames"):
-      families.FAMILIES[name].check(sampling, 1)
 
 
 def test_training_and_encoding_refuse_a_df_config():

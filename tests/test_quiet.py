@@ -1,6 +1,7 @@
 """The entry points print their own lines and progress bars; the libraries' log records (absl,
 orbax, TFDS, grain, JAX) land in the run's log file (a2jax.logs). The commands run from a plain
-shell: PATH, HOME and JAX_PLATFORMS=cpu, none of the Makefile's XLA_FLAGS / TF_CPP_MIN_LOG_LEVEL."""
+shell: PATH, HOME and JAX_PLATFORMS=cpu, none of the Makefile's XLA_FLAGS / TF_CPP_MIN_LOG_LEVEL.
+The demo's own run is checked by tests/test_demo.py's short training, which runs it so."""
 
 import logging
 import os
@@ -8,8 +9,6 @@ import pathlib
 import re
 import subprocess
 import sys
-
-import pytest
 
 from a2jax import logs
 
@@ -58,18 +57,3 @@ def test_synthetic_builder_prints_its_summary_only(tmp_path):
   log = (tmp_path / "synthetic_elements.log").read_text()
   assert "WARNING absl" in log and "has no dataset_info.json" in log
   assert "Downloading and preparing dataset" in log
-
-
-@pytest.mark.slow
-def test_demo_prints_its_own_lines_only(tmp_path):
-  """The demo's real path at token sizes (every stage compiles its programs, as make demo does):
-  no library line on the terminal; TFDS's and orbax's warnings in OUT/demo.log, train.py's
-  records in OUT/runs/dit/train.log."""
-  output = plain_shell_run("-m", "a2jax.demo", "--out", str(tmp_path), "--vae-steps", "2",
-                           "train.steps=2", "train.warmup_steps=1", "sampling.steps=1")
-  assert not NOISE.search(output), NOISE.search(output).group(0) + "\n" + output
-  assert "[demo] dit:" in output and "E2V fidelity" in output
-  log = (tmp_path / "demo.log").read_text()
-  assert "has no dataset_info.json" in log and "Downloading and preparing dataset" in log
-  assert "Given directory is read only" in log          # orbax reading train.py's checkpoint
-  assert "checkpoint" in (tmp_path / "runs" / "dit" / "train.log").read_text()
