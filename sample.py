@@ -358,7 +358,8 @@ def sample(argv) -> int:
   distributed.initialize(cfg.distributed)  # before anything touches a device
   sampling = sampling_config(args, cfg.sampling, family)
   jobs = read_jobs(args)
-  window_frames = sampling.base_frames or cfg.sampling.frames
+  from a2jax import long_video
+  window_frames = long_video.window_frames(sampling, cfg.sampling.frames)
   validate(jobs, sampling, family, window_frames)
   chained = family.takes_references and sampling.frames > window_frames
   if chained and args.grid:
@@ -378,13 +379,11 @@ def sample(argv) -> int:
     pipe = DiffusionForcingPipeline.from_folder(folder, mesh=mesh, overrides=overrides, loras=loras)
   load_seconds = time.perf_counter() - start
   if args.calibrate is not None:  # the curve of one window, which every window follows
-    window = dataclasses.replace(sampling, frames=min(sampling.frames, window_frames),
-                                 base_frames=None, overlap_history=None)
+    window = long_video.one_window(sampling, min(sampling.frames, window_frames))
     return calibrate(pipe, jobs, window, args.calibrate, writer, sizes)
   size = args.batch or mesh.shape["data"]
   if chained:
-    from a2jax.long_video import LongElementsPipeline
-    pipe = LongElementsPipeline(pipe)
+    pipe = long_video.LongElementsPipeline(pipe)
   write = write_videos if family.takes_references and not chained else write_long_videos
   totals = write(pipe, jobs, sampling, sizes, size, args, writer)
   if writer:
@@ -481,13 +480,14 @@ def decoded_chunks(pipe, latents: np.ndarray, keep: list | None, progress: bool,
   import tqdm
   with tqdm.tqdm(total=latents.shape[1], desc="decode", unit="latent frame", leave=False,
                  disable=not progress) as bar:
-    for chunk in pipe.decode_stream(latents):
-      bar.update(1)
-      kept, drop = chunk[0][drop:], max(0, drop - chunk.shape[1])
-      if keep is not None and len(kept):
+    def counted():
+      for chunk in pipe.decode_stream(latents):
+        bar.update(1)
+        yield chunk[0]
+    for kept in video.drop_leading(counted(), drop):
+      if keep is not None:
         keep.append(kept)
-      if len(kept):
-        yield kept
+      yield kept
 
 
 def unique_rows(batch: list[Job]) -> list[tuple[int, Job]]:

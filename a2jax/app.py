@@ -184,7 +184,7 @@ class App:
       raise InputError("no reference images: upload at least one subject, object or background")
     self.pipe.family.check(sampling, len(references) + (bg is not None))
     seen, _ = self.pipe.reference_images(references, bg, sampling.height, sampling.width)
-    from a2jax.long_video import LongElementsPipeline
+    from a2jax import long_video
     from a2jax.pipeline import Request
     start = time.perf_counter()
     pipe = self.pipeline_with(options.get("loras") or ())
@@ -192,9 +192,9 @@ class App:
     path = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._numbers):04d}" \
                           f"-seed{sampling.seed}.mp4"
     timings = {"compile": 0.0}
-    if sampling.frames > self.pipe.cfg.sampling.frames:
+    if sampling.frames > long_video.window_frames(sampling, self.pipe.cfg.sampling.frames):
       # Longer than the model's window: chained windows, decoded into the mp4 as they come.
-      chained = LongElementsPipeline(pipe)
+      chained = long_video.LongElementsPipeline(pipe)
       latents = chained.latents([request], sampling, progress=progress, timings=timings)
       drop = chained.frames_to_drop(request.num_refs, sampling)
       video.write_mp4(path, (chunk[0] for chunk in chained.decode_stream(latents, drop)),

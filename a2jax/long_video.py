@@ -33,7 +33,7 @@ import PIL.Image
 import tqdm
 
 from a2jax import diffusion_forcing as df
-from a2jax import pipeline, preprocess, schedulers
+from a2jax import pipeline, preprocess, schedulers, video
 from a2jax.configs import SamplingConfig
 from a2jax.errors import CheckpointError, InputError
 from a2jax.models import lora
@@ -152,11 +152,7 @@ class DiffusionForcingPipeline:
                progress: bool | Callable[[int, int], None] = True) -> pipeline.Result:
     """`latents`, then every frame decoded into one array (uint8 (B, F, H, W, 3)): for videos that
     fit in host memory; stream long ones with `decode_stream`."""
-    timings = {"compile": 0.0}
-    latents = self.latents(requests, sampling, progress=progress, timings=timings)
-    frames = self.base._stage(timings, "decode", lambda: np.concatenate(
-        list(self.decode_stream(latents)), axis=1))
-    return pipeline.Result(frames, latents, timings)
+    return whole_videos(self, requests, sampling, progress)
 
   def _start_progress(self, progress, total: int) -> None:
     self._bar = tqdm.tqdm(total=total, desc="denoise", unit="row", leave=False,
@@ -173,6 +169,18 @@ class DiffusionForcingPipeline:
       self._rows_done = done
       if self._on_progress is not None:
         self._on_progress(done, self._bar.total)
+
+
+def whole_videos(pipe: "DiffusionForcingPipeline | LongElementsPipeline",
+                 requests: Sequence[object], sampling: SamplingConfig | None,
+                 progress: bool | Callable[[int, int], None], drop: int = 0) -> pipeline.Result:
+  """`pipe.latents`, then every frame decoded into one array (uint8 (B, F', H, W, 3), the first
+  `drop` left out), with the seconds of each stage."""
+  timings = {"compile": 0.0}
+  latents = pipe.latents(requests, sampling, progress=progress, timings=timings)
+  frames = pipe.base._stage(timings, "decode", lambda: np.concatenate(
+      list(video.drop_leading(pipe.decode_stream(latents), drop, axis=1)), axis=1))
+  return pipeline.Result(frames, latents, timings)
 
 
 def seed_keys(seeds: Sequence[int]) -> tuple[jax.Array, np.ndarray]:
@@ -225,6 +233,21 @@ class ChainPlan:
     """Pixel frames of one window."""
     return TEMPORAL_STRIDE * (self.window - 1) + 1
 
+  def window_sampling(self, sampling: SamplingConfig) -> SamplingConfig:
+    """`sampling` for one window alone."""
+    return one_window(sampling, self.window_frames)
+
+
+def one_window(sampling: SamplingConfig, frames: int) -> SamplingConfig:
+  """`sampling` for one unchained window of `frames` pixel frames."""
+  return dataclasses.replace(sampling, frames=frames, base_frames=None, overlap_history=None)
+
+
+def window_frames(sampling: SamplingConfig, folder_frames: int) -> int:
+  """Pixel frames of an elements-to-video window: `base_frames`, else the folder's own `frames`
+  (the length its model was trained on); a longer `sampling.frames` is chained."""
+  return sampling.base_frames or folder_frames
+
 
 def chain_plan(frames: int, window_frames: int, overlap_history: int | None,
                scene_start: int) -> ChainPlan:
@@ -270,9 +293,8 @@ class LongElementsPipeline:
 
   def plan(self, sampling: SamplingConfig, num_refs: int) -> ChainPlan:
     """Windows of `sampling.base_frames`, else of the folder's own `frames`."""
-    window = sampling.base_frames or self.cfg.sampling.frames
-    return chain_plan(sampling.frames, window, sampling.overlap_history,
-                      self.base.family.scene_start(num_refs))
+    return chain_plan(sampling.frames, window_frames(sampling, self.cfg.sampling.frames),
+                      sampling.overlap_history, self.base.family.scene_start(num_refs))
 
   def latents(self, requests: Sequence[pipeline.Request], sampling: SamplingConfig | None = None,
               *, progress: bool | Callable[[int, int], None] = True,
@@ -285,8 +307,7 @@ class LongElementsPipeline:
     sampling = sampling or self.cfg.sampling
     pipeline.check_requests(requests)
     plan = self.plan(sampling, requests[0].num_refs)
-    window_sampling = dataclasses.replace(sampling, frames=plan.window_frames, base_frames=None,
-                                          overlap_history=None)
+    window_sampling = plan.window_sampling(sampling)
     cond, noise = self.base.prepare(requests, window_sampling, timings)
     steps = schedulers.for_sampling(sampling).num_steps
     bar = tqdm.tqdm(total=plan.count * steps, desc="denoise", unit="step", leave=False,
@@ -302,28 +323,25 @@ class LongElementsPipeline:
 
     seeds = pipeline.request_seeds(requests, sampling)
     try:
-      video = run(0, noise, None)
+      parts = [run(0, noise, None)]
+      tail = parts[0][:, -plan.history:] if plan.history else None  # the next window's history
       for index in range(1, plan.count):
         fresh, held_noise = window_noise(seeds, index, noise.shape[1:], plan.history)
-        history = pipeline.History(video[:, -plan.history:], held_noise, plan.scene_start)
-        out = run(index, fresh, history)
-        video = np.concatenate([video, out[:, plan.scene_start + plan.history:]], axis=1)
+        out = run(index, fresh, pipeline.History(tail, held_noise, plan.scene_start))
+        parts.append(out[:, plan.scene_start + plan.history:])
+        tail = np.concatenate([tail, parts[-1]], axis=1)[:, -plan.history:]
     finally:
       bar.close()
-    return video[:, :plan.total]
+    return np.concatenate(parts, axis=1)[:, :plan.total]
 
   def decode_stream(self, latents: np.ndarray | jax.Array, drop: int = 0) -> Iterator[np.ndarray]:
     """Normalised latents (B, f, h, w, z) → uint8 chunks (B, n, H, W, 3) as `A2Pipeline.
     decode_stream` makes them, the first `drop` frames (A2's reference frames) left out."""
-    for chunk in self.base.decode_stream(latents):
-      kept = chunk[:, drop:]
-      drop = max(0, drop - chunk.shape[1])
-      if kept.shape[1]:
-        yield kept
+    return video.drop_leading(self.base.decode_stream(latents), drop, axis=1)
 
   def frames_to_drop(self, num_refs: int, sampling: SamplingConfig) -> int:
-    """Leading frames that show the references (A2, unless `drop_reference_frames` is off)."""
-    return self.base.family.frames_to_drop(num_refs) if sampling.drop_reference_frames else 0
+    """`A2Pipeline.frames_to_drop`: A2's reference frames."""
+    return self.base.frames_to_drop(num_refs, sampling)
 
   def generate(self, requests: Sequence[pipeline.Request], *,
                sampling: SamplingConfig | None = None,
@@ -332,12 +350,8 @@ class LongElementsPipeline:
     dropped as `A2Pipeline.generate` drops them): for videos that fit in host memory; stream long
     ones with `decode_stream`."""
     sampling = sampling or self.cfg.sampling
-    timings = {"compile": 0.0}
-    latents = self.latents(requests, sampling, progress=progress, timings=timings)
-    drop = self.frames_to_drop(requests[0].num_refs, sampling)
-    frames = self.base._stage(timings, "decode", lambda: np.concatenate(
-        list(self.decode_stream(latents, drop)), axis=1))
-    return pipeline.Result(frames, latents, timings)
+    return whole_videos(self, requests, sampling, progress,
+                        drop=self.frames_to_drop(requests[0].num_refs, sampling))
 
 
 def window_noise(seeds: Sequence[int], index: int, shape: tuple[int, ...], history: int

@@ -530,9 +530,12 @@ class A2Pipeline:
     latents = self._stage(timings, "denoise", lambda: self.denoise(
         cond, np.asarray(noise, np.float32), sampling, progress))
     frames = self._stage(timings, "decode", lambda: video_to_uint8(self.decode(latents)))
-    if sampling.drop_reference_frames:
-      frames = frames[:, self.family.frames_to_drop(cond.num_refs):]
-    return Result(frames, fetch(latents), timings)
+    return Result(frames[:, self.frames_to_drop(cond.num_refs, sampling):], fetch(latents), timings)
+
+  def frames_to_drop(self, num_refs: int, sampling: SamplingConfig) -> int:
+    """Leading output frames that show the references (A2, unless `drop_reference_frames` is
+    off)."""
+    return self.family.frames_to_drop(num_refs) if sampling.drop_reference_frames else 0
 
   def __call__(self, prompt: str, references: Sequence[np.ndarray],
                background: np.ndarray | None = None, *, negative_prompt: str | None = None,

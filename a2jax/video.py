@@ -33,6 +33,18 @@ def latent_frames(frames: int) -> int:
   return (frames - 1) // TEMPORAL_STRIDE + 1
 
 
+def drop_leading(chunks: Iterable[np.ndarray], count: int, axis: int = 0) -> Iterator[np.ndarray]:
+  """Chunks of frames (frames on `axis`) with the first `count` frames of the stream left out;
+  chunks left empty are skipped."""
+  for chunk in chunks:
+    n = chunk.shape[axis]
+    if count >= n and count:
+      count -= n
+      continue
+    yield chunk if count == 0 else np.take(chunk, range(count, n), axis=axis)
+    count = 0
+
+
 @contextlib.contextmanager
 def _atomic(path: pathlib.Path, suffix: str) -> Iterator[pathlib.Path]:
   """A temporary path beside `path` to write to; renamed to `path` when the block ends without an

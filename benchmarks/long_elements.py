@@ -44,8 +44,7 @@ WAYS = ("one window", "chained", "independent")
 def independent_windows(pipe: long_video.LongElementsPipeline, request: Request, sampling,
                         plan: long_video.ChainPlan) -> np.ndarray:
   """Window k sampled alone with seed + k; window 0 whole, then each later one's last new frames."""
-  window = dataclasses.replace(sampling, frames=plan.window_frames, base_frames=None,
-                               overlap_history=None)
+  window = plan.window_sampling(sampling)
   parts = []
   for k in range(plan.count):
     frames = pipe.base.generate([dataclasses.replace(request, seed=request.seed + 1000 * k)],
@@ -80,8 +79,8 @@ def main(argv=None) -> int:
     plan = pipe.plan(base, request.num_refs)
     drop = pipe.frames_to_drop(request.num_refs, base)
     spans = long_scores.window_spans(plan, args.frames, drop)
-    one = pipe.base.generate([request], sampling=dataclasses.replace(
-        base, frames=plan.window_frames, overlap_history=None), progress=False).frames[0]
+    one = pipe.base.generate([request], sampling=plan.window_sampling(base),
+                             progress=False).frames[0]
     window = fidelity_only(one, clip)
     scores["one window"].append({"windows": [window], "drift": 0.0, "continuity": None})
     chained = pipe.generate([request], sampling=base, progress=False).frames[0]

@@ -77,8 +77,7 @@ def reference_chain(pipe, sampling, request, src):
   later window with frames scene_start … + history replaced by (1 − σ)·history + σ·noise before
   every step; a2jax's noise draws. → (latents (1, f, h, w, z), uint8 frames (F', H, W, 3))."""
   plan = pipe.plan(sampling, request.num_refs)
-  window = dataclasses.replace(sampling, frames=plan.window_frames, base_frames=None,
-                               overlap_history=None)
+  window = plan.window_sampling(sampling)
   _, noise = pipe.base.prepare([request], window)
   vae_refs, originals = pipe.base.reference_images(request.references, request.background,
                                                    sampling.height, sampling.width)
@@ -129,8 +128,7 @@ def test_long_video_equals_the_reference_chain(family, pipes, images, reference)
   assert result.frames.shape[1] == sampling.frames - pipe.frames_to_drop(request.num_refs, sampling)
   assert np.abs(result.frames[0].astype(int) - ref_frames).max() <= PIXEL_TOL
   # The first window is the window-long video, bit for bit.
-  short = pipe.base.generate([request], sampling=dataclasses.replace(
-      sampling, frames=plan.window_frames, base_frames=None, overlap_history=None), progress=False)
+  short = pipe.base.generate([request], sampling=plan.window_sampling(sampling), progress=False)
   np.testing.assert_array_equal(result.latents[:, :plan.window], short.latents)
 
 
